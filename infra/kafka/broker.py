@@ -183,6 +183,15 @@ def _server_properties(*, port: int, controller_port: int, data_dir: Path) -> st
     )
 
 
+def _cluster_id() -> str:
+    """A random KRaft cluster id (base64url of 16 bytes), like Kafka's own Uuid.randomUuid:
+    never one starting with '-', which the storage tool's argument parser takes for an option."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def read_info() -> BrokerInfo | None:
     """The running broker's info, or None when none was started from this checkout."""
     path = _info_path()
@@ -222,7 +231,7 @@ def start(config: BrokerConfig = BrokerConfig()) -> BrokerInfo:
     shutil.rmtree(data_dir, ignore_errors=True)
     props = root / "server.properties"
     props.write_text(_server_properties(port=port, controller_port=controller_port, data_dir=data_dir))
-    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    cluster_id = _cluster_id()
     jvm = [java, f"-Xmx{config.heap_mb}m", f"-Xms{min(config.heap_mb, 256)}m", "-XX:+UseG1GC",
            "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
            f"-Dkafka.logs.dir={root}", "-cp", cp]

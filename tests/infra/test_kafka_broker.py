@@ -59,3 +59,8 @@ def test_taken_port_is_refused(tmp_path, monkeypatch, kafka_bootstrap):
     port = int(kafka_bootstrap.rpartition(":")[2])
     with pytest.raises(broker.BrokerError, match=f"port {port} is already taken"):
         broker.start(broker.BrokerConfig(port=port))
+
+
+def test_cluster_ids_never_look_like_options():
+    # A leading '-' made `kafka-storage format -t <id>` fail one start in 64.
+    assert not any(broker._cluster_id().startswith("-") for _ in range(2000))
