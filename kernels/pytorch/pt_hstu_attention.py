@@ -1,0 +1,132 @@
+"""Jagged HSTU attention in plain PyTorch: the readable definition, the CPU path and the oracle.
+
+HSTU attention (Zhai et al. 2024) replaces softmax by a pointwise SiLU and adds a learned
+relative attention bias (rab) built from two per-head tables:
+
+    out_i = sum_j silu(alpha * q_i . k_j + pos_bias[h, pb(i, j)] + time_bias[h, tb(i, j)])
+                  * mask_ij * v_j / n
+
+for the T tokens of B sequences packed back to back (`seq_offsets` [B+1], sequence b holds
+tokens seq_offsets[b] .. seq_offsets[b+1]-1); n is `max_seq_len`, or the sequence's own length
+with `normalize_by_length=True`.
+
+Mask. The last `num_targets[b]` tokens of sequence b are candidates (M-FALCON), the rest is
+history (`hist = length - num_targets`). A history token sees the history up to itself
+(causal). A candidate sees the whole history and itself, never another candidate:
+
+    mask_ij = (j <= i) and (j < hist or j == i)
+
+Bucket functions (the Triton kernel computes exactly these, per pair, from the tables):
+
+- positions: every history token keeps its index, every candidate takes the index of the first
+  candidate (`pos_i = min(i, hist)`), so the order of the candidates does not matter;
+  `pb(i, j) = min(pos_i - pos_j, num_pos_buckets - 1)` (always >= 0 under the mask).
+- time: with `timestamps` in seconds (int64),
+  `tb(i, j) = clamp(floor(log(max(|ts_i - ts_j|, 1)) / 0.301), 0, num_time_buckets - 1)`,
+  natural log, computed in float32. About 2.3 buckets per doubling of the gap; the last of NT
+  buckets starts at exp(0.301 (NT - 1)) s: 9 days for NT = 46, 5.4 years for NT = 64. One
+  sequence's timestamps must span less than 2^30 s (the kernel's int32 gaps; the dispatcher
+  checks). At a float32 bucket boundary two
+  implementations of `log` may disagree by one bucket for gaps above ~10^4 s (first seen at
+  417,901 s); the two bias values are then neighbours, which training does not notice.
+
+This implementation pads to [B, H, N, N] (N = max_seq_len) and lets autograd give the
+backward, so it costs O(B * H * N^2) memory: use it as the reference and on the CPU.
+
+    >>> import torch
+    >>> from kernels.pytorch.pt_hstu_attention import pt_hstu_attention
+    >>> q = k = v = torch.randn(5, 2, 16)
+    >>> out = pt_hstu_attention(q, k, v, torch.tensor([0, 2, 5]), 4, alpha=0.25)
+    >>> tuple(out.shape)
+    (5, 2, 16)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+TIME_BUCKET_DIVISOR = 0.301
+
+
+def relative_position_bucket(rel_pos: Tensor, num_buckets: int) -> Tensor:
+    """Bucket of a relative position `pos_i - pos_j` (>= 0 under the mask): min(rel, P - 1)."""
+    return rel_pos.clamp(0, num_buckets - 1)
+
+
+def time_bucket(dt: Tensor, num_buckets: int) -> Tensor:
+    """Bucket of a time gap in seconds: clamp(floor(log(max(|dt|, 1)) / 0.301), 0, NT - 1)."""
+    gap = dt.abs().clamp_min(1).to(torch.float32)
+    return torch.floor(torch.log(gap) / TIME_BUCKET_DIVISOR).clamp(0, num_buckets - 1).long()
+
+
+def _pad(x: Tensor, token: Tensor, valid: Tensor) -> Tensor:
+    """Jagged [T, ...] -> padded [B, N, ...] with zeros past each sequence's end."""
+    rows = x[token]  # (B, N, ...)
+    keep = valid.reshape(valid.shape + (1,) * (rows.dim() - 2))
+    return torch.where(keep, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+
+
+def pt_hstu_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_offsets: Tensor,
+    max_seq_len: int,
+    *,
+    alpha: float,
+    num_targets: Tensor | None = None,
+    timestamps: Tensor | None = None,
+    pos_bias: Tensor | None = None,
+    time_bias: Tensor | None = None,
+    normalize_by_length: bool = False,
+) -> Tensor:
+    """HSTU attention over jagged sequences, padded and dense; see the module docstring.
+
+    q, k: [T, H, Dqk]; v: [T, H, Dv]; seq_offsets: [B+1] int64 with seq_offsets[0] == 0 and
+    seq_offsets[-1] == T; num_targets: [B] or None; timestamps: [T] int64 seconds or None;
+    pos_bias: [H, num_pos_buckets] or None; time_bias: [H, num_time_buckets] or None.
+    Returns [T, H, Dv] in q's dtype. Inputs are not validated here: `kernels.hstu_attention`
+    does that once for both implementations.
+    """
+    num_tokens, num_heads, _ = q.shape
+    dv = v.shape[-1]
+    if num_tokens == 0 or max_seq_len == 0:
+        return v * 0.0
+    device = q.device
+    lengths = seq_offsets[1:] - seq_offsets[:-1]  # (B,)
+    cols = torch.arange(max_seq_len, device=device)
+    valid = cols[None, :] < lengths[:, None]  # (B, N)
+    token = (seq_offsets[:-1, None] + cols[None, :]).clamp(max=num_tokens - 1)  # (B, N)
+
+    qp = _pad(q, token, valid).permute(0, 2, 1, 3)  # (B, H, N, Dqk)
+    kp = _pad(k, token, valid).permute(0, 2, 1, 3)  # (B, H, N, Dqk)
+    vp = _pad(v, token, valid).permute(0, 2, 1, 3)  # (B, H, N, Dv)
+    scores = alpha * (qp @ kp.transpose(-1, -2))  # (B, H, N, N)
+
+    if num_targets is None:
+        hist = lengths
+    else:
+        hist = lengths - torch.minimum(num_targets.clamp_min(0), lengths)  # (B,)
+    i = cols[:, None]
+    j = cols[None, :]
+    mask = (j <= i) & ((j < hist[:, None, None]) | (j == i))  # (B, N, N)
+    mask = mask & valid[:, :, None] & valid[:, None, :]
+
+    if pos_bias is not None:
+        pos = torch.minimum(cols[None, :], hist[:, None])  # (B, N)
+        bucket = relative_position_bucket(pos[:, :, None] - pos[:, None, :], pos_bias.shape[1])
+        scores = scores + pos_bias.to(scores.dtype)[:, bucket].permute(1, 0, 2, 3)  # (B, H, N, N)
+    if time_bias is not None:
+        ts = _pad(timestamps, token, valid)  # (B, N)
+        bucket = time_bucket(ts[:, :, None] - ts[:, None, :], time_bias.shape[1])  # (B, N, N)
+        scores = scores + time_bias.to(scores.dtype)[:, bucket].permute(1, 0, 2, 3)
+
+    weights = torch.where(mask[:, None], F.silu(scores), torch.zeros((), dtype=scores.dtype, device=device))
+    if normalize_by_length:
+        n = lengths.clamp_min(1).to(scores.dtype).reshape(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    else:
+        n = float(max_seq_len)
+    out = (weights @ vp) / n  # (B, H, N, Dv)
+    return out.permute(0, 2, 1, 3)[valid].reshape(num_tokens, num_heads, dv)  # (T, H, Dv)
