@@ -1,0 +1,340 @@
+"""Non-stationary check: a bounded item table (25% of all items ever seen) against an unbounded one.
+
+The synthetic drifting stream (`infra.datasets.synthetic`: items are born and retire,
+popularity and interests move) is replayed in time order, prequentially: each day's events
+are first scored (each event retrieved from the user's history before it, top-10 over the
+table's live rows, nothing excluded since users may come back to an item), then trained on
+(each active user's rolling sequence, the day's events marked new, as in the streaming
+contract). Both variants run the same HSTU (interleaved item/action tokens, retrieval and
+ranking losses) in their own process, so their peak RSS can be compared.
+
+    python benchmarks/drift.py                          # small default stream (30k events, 20 days)
+    python benchmarks/drift.py --events 400000 --items 20000 --users 8000 --days 60 --threads 2
+
+Prints JSON lines (HR@10 of each variant, their ratio, peak RSS, table bytes, the table's
+lookup rate) on stdout and writes a PNG of HR@10 and RSS per day (default
+`.state/benchmarks/drift.png`). Target: the bounded table within 5% of the unbounded one's
+HR@10, with flat memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python benchmarks/drift.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+from infra.datasets.synthetic import DAY_MS, SyntheticConfig, generate_events  # noqa: E402
+from infra.paths import state_dir  # noqa: E402
+from trainer.batching import make_batch  # noqa: E402
+from trainer.embedding_table import DynamicEmbeddingTable, TableConfig  # noqa: E402
+from trainer.losses import GenerativeLoss, LossConfig, target_index  # noqa: E402
+from trainer.model import HSTUModel, ModelConfig, build_model  # noqa: E402
+from trainer.splits import UserSequences, sequences_from_frame  # noqa: E402
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DriftRun:
+    """One variant of the benchmark (everything a child process needs to rebuild the stream)."""
+
+    name: str
+    capacity: int
+    eviction: str
+    stream: SyntheticConfig
+    max_seq_len: int
+    dim: int
+    lr: float
+    batch_size: int
+    eval_per_day: int
+    seed: int
+    threads: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stream:
+    seqs: UserSequences  # all events, per user, time-ordered
+    day: np.ndarray  # day index of every event (aligned with seqs' flat arrays)
+    user_of: np.ndarray  # user position of every event
+    num_days: int
+    num_items: int
+
+
+def load_stream(cfg: SyntheticConfig) -> Stream:
+    events = generate_events(cfg)
+    seqs = sequences_from_frame(events, action_vocab=cfg.actions)
+    ts_ms = seqs.timestamps * 1000
+    day = ((ts_ms - cfg.start_ms) // DAY_MS).astype(np.int64)
+    user_of = np.repeat(np.arange(seqs.num_users), seqs.lengths)
+    return Stream(
+        seqs=seqs, day=day, user_of=user_of, num_days=int(day.max()) + 1, num_items=int(np.unique(seqs.item_ids).size)
+    )
+
+
+def slices(seqs: UserSequences, starts: np.ndarray, ends: np.ndarray) -> UserSequences:
+    """A CSR view made of the flat-array slices [starts[i], ends[i])."""
+    lengths = ends - starts
+    offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    idx = np.repeat(starts - offsets[:-1], lengths) + np.arange(int(offsets[-1]))
+    return UserSequences(
+        user_ids=np.arange(lengths.size, dtype=np.int64),
+        offsets=offsets,
+        item_ids=seqs.item_ids[idx],
+        actions=seqs.actions[idx],
+        timestamps=seqs.timestamps[idx],
+    )
+
+
+@torch.no_grad()
+def score_day(model: HSTUModel, stream: Stream, events: np.ndarray, max_seq_len: int) -> tuple[int, int]:
+    """Hits@10 and count for `events` (flat indices), each retrieved from the history before it."""
+    model.eval()
+    first = stream.seqs.offsets[stream.user_of[events]]
+    starts = np.maximum(first, events - max_seq_len)
+    keep = events > first  # an event with no history cannot be scored
+    events, starts = events[keep], starts[keep]
+    hits = 0
+    for lo in range(0, events.size, 256):
+        ev, st = events[lo : lo + 256], starts[lo : lo + 256]
+        hist = slices(stream.seqs, st, ev)
+        batch = make_batch(hist, np.arange(ev.size), max_len=max_seq_len)
+        rows = model.table.lookup(batch.item_ids)
+        scores = model.retrieval_scores(rows, batch.actions, batch.timestamps, batch.offsets)
+        top = scores.topk(min(10, len(model.table)), dim=1).indices
+        target = model.table.lookup(torch.from_numpy(stream.seqs.item_ids[ev]))
+        hits += int((top == target[:, None]).any(dim=1).sum())
+    model.train()
+    return hits, int(events.size)
+
+
+def table_bytes(model: HSTUModel, optimizer: torch.optim.Optimizer) -> int:
+    table = model.table
+    state = sum(v.numel() * v.element_size() for v in table.vocab_state().values())
+    weight = table.weight.numel() * table.weight.element_size()
+    moments = sum(
+        v.numel() * v.element_size() for v in optimizer.state.get(table.weight, {}).values() if torch.is_tensor(v)
+    )
+    return int(state + weight + moments)
+
+
+def run_variant(run: DriftRun) -> dict:
+    """Replay the stream prequentially with one table; runs in its own process."""
+    torch.set_num_threads(run.threads)
+    torch.manual_seed(run.seed)
+    proc = psutil.Process()
+    stream = load_stream(run.stream)
+    num_actions = len(run.stream.actions)
+    table = DynamicEmbeddingTable(
+        config=TableConfig(capacity=run.capacity, dim=run.dim, eviction=run.eviction, seed=run.seed)
+    )
+    model = build_model(
+        ModelConfig(
+            layout="interleaved", dim=run.dim, qk_dim=run.dim, v_dim=run.dim, max_seq_len=run.max_seq_len,
+            num_actions=num_actions, attention_groups=4,
+        ),
+        table=table,
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr, betas=(0.9, 0.98))
+    table.attach_optimizer(optimizer)
+    loss_fn = GenerativeLoss(config=LossConfig(num_negatives=64, num_in_batch_negatives=64), table=table, seed=run.seed)
+    rng = np.random.default_rng(run.seed)
+    seqs = stream.seqs
+    per_day: list[dict] = []
+    rss_start = proc.memory_info().rss
+    started = time.perf_counter()
+    for day in range(stream.num_days):
+        todays = np.flatnonzero(stream.day == day)
+        if todays.size == 0:
+            continue
+        # 1) score: the day's events, before training on them
+        sample = np.sort(rng.choice(todays, size=min(run.eval_per_day, todays.size), replace=False))
+        hits, count = score_day(model, stream, sample, run.max_seq_len) if len(table) else (0, 0)
+        # 2) train: each active user's sequence up to the end of the day, today's events new
+        users, first_today, n_new = np.unique(stream.user_of[todays], return_index=True, return_counts=True)
+        ends = todays[first_today] + n_new  # events of a user within a day are contiguous
+        starts = np.maximum(seqs.offsets[users], ends - (run.max_seq_len + 1))
+        daily = slices(seqs, starts, ends)
+        now = float(seqs.timestamps[todays].max())
+        losses = []
+        order = rng.permutation(users.size)
+        for lo in range(0, users.size, run.batch_size):
+            pick = order[lo : lo + run.batch_size]
+            batch = make_batch(daily, pick, max_len=run.max_seq_len + 1, num_new=n_new[pick])
+            new_ids = torch.cat(
+                [batch.item_ids[int(e) - int(k) : int(e)] for e, k in zip(batch.offsets[1:], batch.num_new)]
+            )
+            table.observe(new_ids, now=now)
+            rows = table.lookup(batch.item_ids)
+            layout = model.layout(batch.offsets)
+            out = model.encode(rows, batch.actions, batch.timestamps, layout)
+            parts = loss_fn(
+                out, layout=layout, rows=rows, actions=batch.actions,
+                targets=target_index(batch.offsets, batch.num_new), action_head=model.action_head,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            optimizer.step()
+            losses.append(parts["loss"].item())
+        rss = proc.memory_info().rss
+        per_day.append(
+            {
+                "day": day, "hits": hits, "count": count, "hr@10": hits / max(count, 1), "loss": float(np.mean(losses)),
+                "rss": rss, "live_rows": len(table), "evicted": table.counters.evicted,
+            }
+        )
+        elapsed = time.perf_counter() - started
+        eta = elapsed / (day + 1) * (stream.num_days - day - 1)
+        log(
+            f"[{run.name}] day {day + 1}/{stream.num_days} hr@10 {hits / max(count, 1):.4f} loss {np.mean(losses):.3f} "
+            f"live {len(table)} evicted {table.counters.evicted} rss {rss / 2**20:.0f} MiB "
+            f"({elapsed:.0f}s, eta {eta:.0f}s)"
+        )
+    scored = [d for d in per_day[1:]]  # day 0 is scored by an untrained model
+    return {
+        "name": run.name,
+        "capacity": run.capacity,
+        "hr@10": sum(d["hits"] for d in scored) / max(1, sum(d["count"] for d in scored)),
+        "per_day": per_day,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_start": rss_start,
+        "table_bytes": table_bytes(model, optimizer),
+        "seconds": time.perf_counter() - started,
+        "num_items": stream.num_items,
+    }
+
+
+def _child(run: DriftRun, queue: mp.Queue) -> None:
+    queue.put(run_variant(run))
+
+
+def run_in_process(run: DriftRun) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(run, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"variant {run.name} exited with code {proc.exitcode}")
+    return result
+
+
+def lookup_rate(capacity: int = 1_000_000, batch: int = 50_000) -> float:
+    """Raw-id lookups per second on one thread, batches of 50k ids, table of `capacity` admitted ids."""
+    torch.set_num_threads(1)
+    table = DynamicEmbeddingTable(config=TableConfig(capacity=capacity, dim=1))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 2**62, size=capacity)
+    for lo in range(0, capacity, 200_000):
+        table.observe(ids[lo : lo + 200_000], now=0.0)
+    queries = torch.from_numpy(np.where(rng.random(batch * 20) < 0.9, rng.choice(ids, batch * 20), rng.integers(0, 2**62, batch * 20)))
+    start = time.perf_counter()
+    for lo in range(0, queries.numel(), batch):
+        table.lookup(queries[lo : lo + batch])
+    return queries.numel() / (time.perf_counter() - start)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_hr, ax_mem) = plt.subplots(1, 2, figsize=(11, 4))
+    for res in results:
+        days = [d["day"] + 1 for d in res["per_day"]]
+        ax_hr.plot(days, [d["hr@10"] for d in res["per_day"]], label=f"{res['name']} (cap {res['capacity']})")
+        ax_mem.plot(days, [d["rss"] / 2**20 for d in res["per_day"]], label=res["name"])
+    ax_hr.set(xlabel="day", ylabel="HR@10 (prequential)", title="retrieval quality over time")
+    ax_mem.set(xlabel="day", ylabel="RSS (MiB)", title="process memory")
+    ax_hr.legend()
+    ax_mem.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="bounded vs unbounded item table on a drifting stream")
+    parser.add_argument("--users", type=int, default=1_000)
+    parser.add_argument("--items", type=int, default=3_000)
+    parser.add_argument("--events", type=int, default=30_000)
+    parser.add_argument("--days", type=int, default=20)
+    parser.add_argument("--lifetime-days", type=float, default=6.0, help="mean item lifetime")
+    parser.add_argument("--fraction", type=float, default=0.25, help="bounded capacity / distinct items ever seen")
+    parser.add_argument("--eviction", choices=("lru", "lfu", "ttl"), default="lru")
+    parser.add_argument("--max-seq-len", type=int, default=50)
+    parser.add_argument("--dim", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--eval-per-day", type=int, default=300)
+    # One thread by default: on a shared 2-core machine, 2 OpenMP threads per process mostly wait
+    # for each other (measured 3-10x slower than 1 thread under a load of 5).
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--png", type=Path, default=None, help="default .state/benchmarks/drift.png")
+    args = parser.parse_args(argv)
+
+    stream_cfg = SyntheticConfig(
+        num_users=args.users, num_items=args.items, num_events=args.events, num_days=args.days,
+        item_lifetime_days=args.lifetime_days, seed=args.seed,
+    )
+    distinct = load_stream(stream_cfg).num_items
+    bounded = max(1, int(round(args.fraction * distinct)))
+    log(f"[drift] {args.events} events, {distinct} distinct items over {args.days} days; bounded capacity {bounded}")
+    common = dict(
+        stream=stream_cfg, max_seq_len=args.max_seq_len, dim=args.dim, lr=args.lr, batch_size=args.batch_size,
+        eval_per_day=args.eval_per_day, seed=args.seed, threads=args.threads, eviction=args.eviction,
+    )
+    results = [
+        run_in_process(DriftRun(name="unbounded", capacity=distinct, **common)),
+        run_in_process(DriftRun(name="bounded", capacity=bounded, **common)),
+    ]
+    context = {
+        "events": args.events, "distinct_items": distinct, "days": args.days, "eviction": args.eviction,
+        "threads": args.threads, "device": "cpu",
+    }
+    for res in results:
+        rss = [d["rss"] for d in res["per_day"]]
+        half = len(rss) // 2
+        print(json.dumps({
+            "metric": f"drift_hr@10_{res['name']}", "value": res["hr@10"], "unit": "hit rate",
+            "capacity": res["capacity"], "seconds": round(res["seconds"], 1), **context,
+        }))
+        print(json.dumps({
+            "metric": f"drift_peak_rss_{res['name']}", "value": res["peak_rss"], "unit": "bytes",
+            "rss_growth_second_half_bytes": int(rss[-1] - rss[half]) if rss else 0,
+            "table_bytes": res["table_bytes"], "capacity": res["capacity"], **context,
+        }))
+    unbounded, bounded_res = results
+    print(json.dumps({
+        "metric": "drift_hr@10_bounded_over_unbounded", "value": bounded_res["hr@10"] / max(unbounded["hr@10"], 1e-12),
+        "unit": "ratio", "target": ">= 0.95", "fraction": args.fraction, **context,
+    }))
+    print(json.dumps({
+        "metric": "table_lookup_rate", "value": round(lookup_rate()), "unit": "ids/s",
+        "batch": 50_000, "capacity": 1_000_000, "threads": 1, "device": "cpu",
+    }))
+    png = args.png or state_dir("benchmarks") / "drift.png"
+    plot(results, png)
+    log(f"[drift] wrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""Quality side by side: HSTU, HSTU-large and SASRec on ML-100K and the ML-1M subset.
+
+Each (dataset, model) pair is one run of the real CLI (`python -m trainer.offline_train`) with
+the shipped config (`trainer/configs/{hstu,hstu-large,sasrec}.yaml`: the paper's ML-1M
+configs, SASRec of the same size with the same loss), the paper's protocol and the epoch chosen
+on validation. Runs go in parallel with `--jobs` (useful on a GPU machine with many cores).
+
+    python benchmarks/quality.py                       # quick local check: ML-100K, 1 epoch each
+    python benchmarks/quality.py --full                # both datasets, 101 epochs (hours on 2 CPU cores)
+    python benchmarks/quality.py --full --jobs 6 --override model.attention_groups=1   # on a GPU
+
+Prints one JSON line per (dataset, model) on stdout: metric `test_ndcg@10` with test HR@10, the
+best (validation) epoch, seconds per training epoch and training tokens/s as context; then the
+ratios the targets are stated in (HSTU / SASRec NDCG@10 per dataset, HSTU-large / HSTU).
+Run folders (metrics.json, curves.png, checkpoints) go under `--out`
+(default `.state/benchmarks/quality`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python benchmarks/quality.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from infra.paths import REPO_ROOT, state_dir  # noqa: E402
+
+MODELS = ("hstu", "hstu-large", "sasrec")
+DATASETS = ("ml-100k", "ml-1m-subset")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_one(dataset: str, model: str, *, epochs: int, threads: int, out: Path, overrides: list[str]) -> dict:
+    folder = out / f"{model}-{dataset}"
+    cmd = [
+        sys.executable, "-m", "trainer.offline_train",
+        "--config", str(REPO_ROOT / "trainer" / "configs" / f"{model}.yaml"),
+        "--out", str(folder), "--no-progress",
+        f"data.dataset={dataset}", f"train.epochs={epochs}", f"train.num_threads={threads}", *overrides,
+    ]
+    log(f"[quality] start {model} on {dataset}: {' '.join(cmd[1:])}")
+    started = time.perf_counter()
+    with open(folder.with_suffix(".log"), "w") as err:
+        done = subprocess.run(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+    if done.returncode != 0:
+        tail = folder.with_suffix(".log").read_text()[-3000:]
+        raise RuntimeError(f"{model} on {dataset} failed (exit {done.returncode}):\n{tail}")
+    results = json.loads((folder / "metrics.json").read_text())
+    log(f"[quality] done {model} on {dataset} in {time.perf_counter() - started:.0f}s")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="HSTU vs HSTU-large vs SASRec, paper protocol")
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=["ml-100k"])
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--full", action="store_true", help="both datasets, 101 epochs (the paper's protocol)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    parser.add_argument("--override", action="append", default=[], help="key=value for every run (repeatable)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.full:
+        args.datasets, args.epochs = list(DATASETS), 101
+    out = args.out or state_dir("benchmarks", "quality")
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = [(d, m) for d in args.datasets for m in args.models]
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {
+            pair: pool.submit(
+                run_one, *pair, epochs=args.epochs, threads=args.threads, out=out, overrides=args.override
+            )
+            for pair in pairs
+        }
+        results = {pair: fut.result() for pair, fut in futures.items()}
+    host = {"cpu_count": os.cpu_count()}
+    for (dataset, model), res in results.items():
+        test = res["test"]
+        print(json.dumps({
+            "metric": "test_ndcg@10", "value": test["ndcg@10"], "unit": "ndcg", "dataset": dataset, "model": model,
+            "test_hr@10": test["hr@10"], "best_epoch": res["best_epoch"], "epochs_run": res["last_epoch"],
+            "epochs_requested": args.epochs, "valid_ndcg@10": res["best_valid"]["ndcg@10"],
+            "test_ndcg@10_last_epoch": res["test_last_epoch"]["ndcg@10"],
+            "seconds_per_epoch": res["seconds_per_epoch_median"], "tokens_per_s": res["tokens_per_s_median"],
+            "device": res["device"], "threads": res["threads"], **host,
+        }), flush=True)
+    for dataset in args.datasets:
+        got = {m: results[(dataset, m)]["test"]["ndcg@10"] for m in args.models if (dataset, m) in results}
+        if "hstu" in got and "sasrec" in got:
+            print(json.dumps({
+                "metric": "hstu_over_sasrec_ndcg@10", "value": got["hstu"] / max(got["sasrec"], 1e-12), "unit": "ratio",
+                "dataset": dataset, "target": ">= 1.10", "epochs_requested": args.epochs,
+            }))
+        if "hstu" in got and "hstu-large" in got:
+            print(json.dumps({
+                "metric": "hstu_large_over_hstu_ndcg@10", "value": got["hstu-large"] / max(got["hstu"], 1e-12),
+                "unit": "ratio", "dataset": dataset, "target": ">= 1.0", "epochs_requested": args.epochs,
+            }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,160 @@
+"""trainer/model.py (+ trainer/sasrec.py): gradients, masks, candidates, layouts, scoring helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.losses import GenerativeLoss, LossConfig, target_index
+from trainer.model import HSTUModel, ModelConfig, ModelInputError, build_layout, build_model, length_groups
+
+SMALL = dict(dim=16, qk_dim=8, v_dim=8, num_heads=2, max_seq_len=24, num_actions=4, num_time_buckets=16)
+
+
+def make(**kw) -> HSTUModel:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**{**SMALL, **kw}), capacity=64)
+    model.table.observe(torch.arange(1, 60), now=0.0)
+    return model
+
+
+def batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    n = int(offsets[-1])
+    ids = torch.randint(1, 60, (n,), generator=g)
+    actions = torch.randint(0, 4, (n,), generator=g)
+    ts = torch.cumsum(torch.randint(0, 5000, (n,), generator=g), 0)
+    return offsets, ids, actions, ts
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(layout="interleaved"), dict(action_input=True), dict(encoder="sasrec", num_time_buckets=0)],
+    ids=["hstu-items", "hstu-interleaved", "hstu-items-actions", "sasrec"],
+)
+def test_gradients_reach_every_parameter(kw: dict) -> None:
+    model = make(**kw)
+    offsets, ids, actions, ts = batch([5, 9, 2])
+    rows = model.table.lookup(ids)
+    layout = model.layout(offsets)
+    out = model.encode(rows, actions, ts, layout)
+    loss_fn = GenerativeLoss(config=LossConfig(num_negatives=8, num_in_batch_negatives=4), table=model.table)
+    losses = loss_fn(
+        out, layout=layout, rows=rows, actions=actions, targets=target_index(offsets, offsets[1:] - offsets[:-1]),
+        action_head=model.action_head,
+    )
+    losses["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+    assert missing == []
+    assert ("ranking" in losses) == (kw.get("layout") == "interleaved")
+
+
+@pytest.mark.parametrize("layout", ["items", "interleaved"])
+def test_attention_is_causal(layout: str) -> None:
+    model = make(layout=layout).eval()
+    offsets, ids, actions, ts = batch([10])
+    lay = model.layout(offsets)
+    before = model.encode(model.table.lookup(ids), actions, ts, lay)
+    ids2, actions2 = ids.clone(), actions.clone()
+    ids2[6] = 59 if ids[6] != 59 else 58
+    actions2[6] = (actions[6] + 1) % 4
+    after = model.encode(model.table.lookup(ids2), actions2, ts, lay)
+    first_changed = int(lay.item_token[6])
+    assert torch.allclose(before[:first_changed], after[:first_changed], atol=1e-6)
+    assert not torch.allclose(before[first_changed:], after[first_changed:], atol=1e-6)
+
+
+def test_candidates_never_see_each_other_and_rank_in_one_pass() -> None:
+    model = make(layout="interleaved", max_candidates=6).eval()
+    offsets, ids, actions, ts = batch([7])
+    cands = torch.tensor([3, 17, 29, 41])
+    together = model.rank(item_ids=ids, actions=actions, timestamps=ts, candidate_ids=cands)
+    alone = torch.cat(
+        [model.rank(item_ids=ids, actions=actions, timestamps=ts, candidate_ids=cands[i : i + 1]) for i in range(4)]
+    )
+    assert together.shape == (4, 4)
+    assert torch.allclose(together, alone, atol=1e-5)
+    swapped = model.rank(item_ids=ids, actions=actions, timestamps=ts, candidate_ids=cands.flip(0))
+    assert torch.allclose(swapped.flip(0), together, atol=1e-5)  # candidate order does not matter
+
+
+def test_candidates_do_not_change_history_outputs() -> None:
+    model = make(layout="interleaved", max_candidates=3).eval()
+    offsets, ids, actions, ts = batch([5, 4])
+    rows = model.table.lookup(ids)
+    plain = model.encode(rows, actions, ts, model.layout(offsets))
+    cand_offsets = torch.tensor([0, 2, 3])
+    lay = model.layout(offsets, cand_offsets)
+    with_c = model.encode(
+        rows, actions, ts, lay, candidate_rows=model.table.lookup(torch.tensor([8, 9, 10])),
+        candidate_timestamps=torch.full((3,), int(ts[-1])),
+    )
+    history_tokens = torch.cat([lay.item_token, lay.action_token]).sort().values
+    assert torch.allclose(with_c[history_tokens], plain, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["items", "interleaved"])
+def test_length_groups_give_the_same_outputs(layout: str) -> None:
+    model = make(layout=layout, max_candidates=4).eval()
+    offsets, ids, actions, ts = batch([3, 20, 7, 25, 1, 12, 5])
+    rows = model.table.lookup(ids)
+    ungrouped = model.encode(rows, actions, ts, model.layout(offsets))
+    grouped_model = model
+    grouped_model.config = dataclasses.replace(model.config, attention_groups=3)
+    lay = grouped_model.layout(offsets)
+    assert len(lay.groups) == 3
+    assert torch.allclose(grouped_model.encode(rows, actions, ts, lay), ungrouped, atol=1e-5)
+
+
+def test_length_groups_minimise_padding() -> None:
+    lengths = np.array([10, 1, 1, 1, 9, 2])
+    groups = length_groups(lengths, 2)
+    assert [sorted(g.tolist()) for g in groups] == [[1, 2, 3, 5], [0, 4]]
+    assert sorted(np.concatenate(length_groups(lengths, 10)).tolist()) == list(range(6))
+
+
+def test_interleaved_layout_indices() -> None:
+    lay = build_layout(torch.tensor([0, 2, 3]), interleaved=True, candidate_offsets=torch.tensor([0, 1, 3]))
+    # user 0: I0 A0 I1 A1 C ; user 1: I2 A2 C C
+    assert lay.offsets.tolist() == [0, 5, 9]
+    assert lay.item_token.tolist() == [0, 2, 5]
+    assert lay.action_token.tolist() == [1, 3, 6]
+    assert lay.candidate_token.tolist() == [4, 7, 8]
+    assert lay.positions.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 2]
+    assert lay.num_candidates.tolist() == [1, 2] and lay.max_len == 5
+
+
+def test_retrieve_returns_live_unseen_items() -> None:
+    model = make().eval()
+    _, ids, actions, ts = batch([6])
+    top, scores = model.retrieve(item_ids=ids, actions=actions, timestamps=ts, k=10)
+    assert top.shape == (1, 10) and (scores[:, :-1] >= scores[:, 1:]).all()
+    assert set(top[0].tolist()).isdisjoint(ids.tolist())
+    assert set(top[0].tolist()) <= set(range(1, 60))
+
+
+def test_input_errors() -> None:
+    model = make()
+    with pytest.raises(ModelInputError, match="at most max_seq_len"):
+        model.layout(torch.tensor([0, 26]))
+    with pytest.raises(ModelInputError, match="layout 'interleaved'"):
+        model.layout(torch.tensor([0, 3]), torch.tensor([0, 1]))
+    inter = make(layout="interleaved", max_candidates=1)
+    with pytest.raises(ModelInputError, match="raise model.max_candidates"):
+        inter.layout(torch.tensor([0, 25]), torch.tensor([0, 3]))
+    with pytest.raises(ModelInputError, match="equal length"):
+        model.retrieve(item_ids=torch.tensor([1, 2]), actions=torch.tensor([0]), timestamps=torch.tensor([1, 2]), k=3)
+
+
+def test_config_rejects_conflicts() -> None:
+    with pytest.raises(ValueError, match="sasrec' supports layout 'items' only"):
+        ModelConfig(encoder="sasrec", layout="interleaved")
+    with pytest.raises(ValueError, match=r"model.dim \(50\) must be divisible by model.num_heads \(3\)"):
+        ModelConfig(encoder="sasrec", num_heads=3)
+    with pytest.raises(ValueError, match=r"model.dropout \(1.0\)"):
+        ModelConfig(dropout=1.0)

@@ -1,0 +1,78 @@
+"""Ranking metrics of the public sequential-recommendation protocol: HR@K, NDCG@K and MRR.
+
+Every user has one held-out target. Its rank is the number of other candidates that score at
+least as high (0 = top; ties count against the model, so a constant scorer gets no credit); items already in the user's history are removed from the candidates before
+ranking (the target itself is never removed).
+
+- HR@K   = 1 if rank < K
+- NDCG@K = 1 / log2(rank + 2) if rank < K (one relevant item, so the ideal DCG is 1)
+- MRR    = 1 / (rank + 1), over the full ranking
+
+    >>> import torch
+    >>> from trainer.metrics import ranks_from_scores, RankingMetrics
+    >>> scores = torch.tensor([[0.1, 0.9, 0.5], [0.3, 0.2, 0.1]])
+    >>> ranks = ranks_from_scores(scores, torch.tensor([2, 0]))
+    >>> ranks.tolist()
+    [1, 0]
+    >>> m = RankingMetrics(ks=(1, 2)); m.update(ranks); m.compute()["ndcg@2"]
+    0.8154648767857288
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """0-based rank of `scores[b, targets[b]]` in row b: how many other entries score >= it.
+
+    Entries set to -inf (removed candidates) never outrank a finite target score.
+    """
+    target_scores = scores.gather(1, targets.view(-1, 1))  # (B, 1)
+    return (scores >= target_scores).sum(dim=1) - 1
+
+
+def exclude_history(
+    scores: torch.Tensor, history_cols: torch.Tensor, history_offsets: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """Set each row's history columns to -inf, except the row's target column (in place).
+
+    `history_cols` is jagged: row b's history columns are `history_cols[offsets[b]:offsets[b+1]]`.
+    """
+    lengths = history_offsets[1:] - history_offsets[:-1]
+    rows = torch.repeat_interleave(torch.arange(scores.shape[0], device=scores.device), lengths)
+    keep_target = history_cols != targets[rows]
+    scores[rows[keep_target], history_cols[keep_target]] = -math.inf
+    return scores
+
+
+class RankingMetrics:
+    """Accumulates ranks over batches; `compute()` gives hr@K, ndcg@K (for each K) and mrr."""
+
+    def __init__(self, ks: tuple[int, ...] = (10, 50, 200)) -> None:
+        if not ks or min(ks) < 1:
+            raise ValueError(f"ks ({ks}) must be a non-empty tuple of cut-offs >= 1")
+        self.ks = tuple(ks)
+        self._ranks: list[torch.Tensor] = []
+
+    def update(self, ranks: torch.Tensor) -> None:
+        self._ranks.append(ranks.detach().to("cpu", torch.float64))
+
+    @property
+    def count(self) -> int:
+        return sum(int(r.numel()) for r in self._ranks)
+
+    def compute(self) -> dict[str, float]:
+        if not self._ranks:
+            raise ValueError("no ranks recorded: call update() with at least one batch before compute()")
+        ranks = torch.cat(self._ranks)
+        out: dict[str, float] = {}
+        for k in self.ks:
+            hit = ranks < k
+            out[f"hr@{k}"] = hit.double().mean().item()
+            out[f"ndcg@{k}"] = torch.where(hit, 1.0 / torch.log2(ranks + 2.0), 0.0).mean().item()
+        out["mrr"] = (1.0 / (ranks + 1.0)).mean().item()
+        out["count"] = float(ranks.numel())
+        return out

@@ -1,0 +1,307 @@
+"""The offline (paper-protocol) training loop behind `trainer/offline_train.py`.
+
+Protocol (Zhai et al. 2024, sec. 4.1.1, after SASRec), with a validation split added:
+
+1. Each user's ratings in time order; leave-one-out: the last event is the test target, the
+   second-to-last the validation target, everything before is training data.
+2. Training sequences are each user's latest `max_seq_len + 1` training events; every position
+   predicts the next item through the sampled softmax (every event is new).
+3. Every `eval_every` epochs: full ranking over all items on validation (history items
+   removed). The epoch with the best validation NDCG@10 is kept (`best.safetensors`) and
+   evaluated on test at the end. Test at the last epoch is reported too, for comparison with
+   the reference implementation, which reports its last epoch.
+
+The item table holds the whole catalogue (capacity = distinct items, admitted up front), as
+the reference implementation's fixed table does; items seen only in validation or test keep
+their initial embedding.
+
+    from trainer.offline import OfflineConfig, run_offline
+    results = run_offline(OfflineConfig(), out_dir=Path(".state/offline/demo"))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from infra.datasets.movielens import load_ratings
+from trainer.batching import iterate_batches
+from trainer.checkpoint import load_into, save_checkpoint
+from trainer.config import to_dict
+from trainer.embedding_table import DynamicEmbeddingTable, TableConfig
+from trainer.evaluate import evaluate_retrieval
+from trainer.losses import GenerativeLoss, LossConfig, target_index
+from trainer.model import HSTUModel, ModelConfig, build_model
+from trainer.splits import LeaveOneOutSplit, leave_one_out, sequences_from_frame
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    dataset: Literal["ml-100k", "ml-1m-subset"] = "ml-100k"
+    min_events: int = 3  # users with fewer events cannot be split and are dropped
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    epochs: int = 101
+    batch_size: int = 128
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.0
+    seed: int = 42
+    eval_every: int = 1
+    eval_batch_size: int = 256
+    patience: int = 0  # stop after this many evaluations without a better validation NDCG@10 (0: never)
+    stochastic_length_alpha: float | None = None
+    num_threads: int = 2
+    device: str = "auto"  # auto: cuda when available, else cpu
+    save_checkpoints: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_every", "eval_batch_size", "num_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} ({getattr(self, name)}) must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr ({self.lr}) must be > 0")
+        if self.patience < 0:
+            raise ValueError(f"train.patience ({self.patience}) must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OfflineConfig:
+    """Everything `offline_train.py` needs; shipped as YAML in trainer/configs/."""
+
+    name: str = "hstu"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    table_init_std: float = 0.02
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device is {name!r} but no CUDA device is available: use train.device=cpu")
+    return device
+
+
+def load_split(data: DataConfig, data_dir: Path | None = None) -> LeaveOneOutSplit:
+    """MovieLens ratings as leave-one-out sequences; actions are rating - 1 (0..4)."""
+    ratings = load_ratings(data.dataset, data_dir)
+    seqs = sequences_from_frame(ratings, action_column="rating", action_offset=1)
+    return leave_one_out(seqs, min_events=data.min_events)
+
+
+def catalogue(split: LeaveOneOutSplit) -> np.ndarray:
+    return np.unique(np.concatenate([split.test.history.item_ids, split.test.targets]))
+
+
+def build_for_split(config: OfflineConfig, split: LeaveOneOutSplit, device: torch.device) -> HSTUModel:
+    """Model over a table that holds the split's whole catalogue."""
+    items = catalogue(split)
+    table = DynamicEmbeddingTable(
+        config=TableConfig(
+            capacity=int(items.size), dim=config.model.dim, init_std=config.table_init_std, seed=config.train.seed
+        )
+    )
+    table.observe(items, now=0.0)
+    return build_model(config.model, table=table).to(device)
+
+
+def train_epoch(
+    model: HSTUModel,
+    split: LeaveOneOutSplit,
+    *,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: GenerativeLoss,
+    config: OfflineConfig,
+    rng: np.random.Generator,
+    bar: tqdm | None = None,
+) -> dict[str, float]:
+    """One pass over the training users; returns mean loss, seconds and tokens/s."""
+    model.train()
+    device = model.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    losses: list[torch.Tensor] = []
+    tokens = 0
+    steps = 0
+    sync()
+    start = time.perf_counter()
+    for batch in iterate_batches(
+        split.train,
+        batch_size=config.train.batch_size,
+        max_len=config.model.max_seq_len + 1,
+        shuffle=True,
+        rng=rng,
+        stochastic_length_alpha=config.train.stochastic_length_alpha,
+        min_length=2,
+    ):
+        rows = model.table.lookup(batch.item_ids).to(device)  # raw ids -> rows on the host
+        actions = batch.actions.to(device)
+        layout = model.layout(batch.offsets)
+        targets = target_index(batch.offsets, batch.num_new)
+        out = model.encode(rows, actions, batch.timestamps.to(device), layout)
+        parts = loss_fn(out, layout=layout, rows=rows, actions=actions, targets=targets, action_head=model.action_head)
+        optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        optimizer.step()
+        losses.append(parts["loss"].detach())
+        tokens += layout.num_tokens
+        steps += 1
+        if bar is not None:
+            bar.update(1)
+    mean_loss = torch.stack(losses).mean().item() if losses else math.nan
+    sync()
+    seconds = time.perf_counter() - start
+    return {"loss": mean_loss, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "steps": steps}
+
+
+def run_offline(
+    config: OfflineConfig,
+    *,
+    out_dir: Path,
+    data_dir: Path | None = None,
+    progress: bool = True,
+    split: LeaveOneOutSplit | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate with the paper's protocol; writes metrics.json, curves.png, checkpoints."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(config.train.num_threads)
+    torch.manual_seed(config.train.seed)
+    device = resolve_device(config.train.device)
+    if split is None:
+        split = load_split(config.data, data_dir)
+    model = build_for_split(config, split, device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.train.lr, betas=config.train.betas, weight_decay=config.train.weight_decay
+    )
+    model.table.attach_optimizer(optimizer)
+    loss_fn = GenerativeLoss(config=config.loss, table=model.table, seed=config.train.seed)
+    rng = np.random.default_rng(config.train.seed)
+    steps_per_epoch = math.ceil(int((split.train.lengths >= 2).sum()) / config.train.batch_size)
+    log(
+        f"[{config.name}] {config.data.dataset}: {split.train.num_users} users, {len(model.table)} items, "
+        f"{int(split.train.lengths.sum())} training events, {steps_per_epoch} steps/epoch, device {device}, "
+        f"{config.train.num_threads} threads, {sum(p.numel() for p in model.parameters())} parameters"
+    )
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"epoch": 0, "valid": None}
+    evals_since_best = 0
+    best_path = out_dir / "best.safetensors"
+    bar = tqdm(
+        total=config.train.epochs * steps_per_epoch, desc=config.name, unit="step", file=sys.stderr, disable=not progress
+    )
+    for epoch in range(1, config.train.epochs + 1):
+        stats = train_epoch(model, split, optimizer=optimizer, loss_fn=loss_fn, config=config, rng=rng, bar=bar)
+        record: dict[str, Any] = {"epoch": epoch, **stats}
+        line = (
+            f"[{config.name}] epoch {epoch} loss {stats['loss']:.4f} train {stats['seconds']:.2f}s "
+            f"({stats['tokens_per_s']:.0f} tok/s)"
+        )
+        if epoch % config.train.eval_every == 0 or epoch == config.train.epochs:
+            t0 = time.perf_counter()
+            valid = evaluate_retrieval(
+                model, split.valid, max_seq_len=config.model.max_seq_len, batch_size=config.train.eval_batch_size
+            )
+            record["valid"] = valid
+            record["eval_seconds"] = time.perf_counter() - t0
+            line += f" valid ndcg@10 {valid['ndcg@10']:.4f} hr@10 {valid['hr@10']:.4f}"
+            if best["valid"] is None or valid["ndcg@10"] > best["valid"]["ndcg@10"]:
+                best = {"epoch": epoch, "valid": valid}
+                evals_since_best = 0
+                save_checkpoint(best_path, model=model, progress={"epoch": epoch, "valid": valid})
+                line += " *"
+            else:
+                evals_since_best += 1
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", ndcg10=f"{valid['ndcg@10']:.4f}")
+        history.append(record)
+        # Progress on disk after every epoch, so an interrupted run still leaves its curves.
+        partial = {"name": config.name, "dataset": config.data.dataset, "complete": False, "best_epoch": best["epoch"]}
+        (out_dir / "metrics.json").write_text(json.dumps({**partial, "best_valid": best["valid"], "epochs": history}))
+        if progress:
+            bar.write(line, file=sys.stderr)
+        else:
+            log(line)
+        if config.train.patience and evals_since_best >= config.train.patience:
+            log(f"[{config.name}] no better validation NDCG@10 in {evals_since_best} evaluations: stopping")
+            break
+    bar.close()
+    test_last = evaluate_retrieval(
+        model, split.test, max_seq_len=config.model.max_seq_len, batch_size=config.train.eval_batch_size
+    )
+    last_epoch = history[-1]["epoch"]
+    if config.train.save_checkpoints:
+        save_checkpoint(out_dir / "last.safetensors", model=model, optimizer=optimizer, progress={"epoch": last_epoch})
+    load_into(best_path, model=model)
+    test = evaluate_retrieval(
+        model, split.test, max_seq_len=config.model.max_seq_len, batch_size=config.train.eval_batch_size
+    )
+    if not config.train.save_checkpoints:
+        best_path.unlink(missing_ok=True)
+    train_seconds = [h["seconds"] for h in history]
+    results = {
+        "name": config.name,
+        "dataset": config.data.dataset,
+        "complete": True,
+        "config": to_dict(config),
+        "device": str(device),
+        "threads": config.train.num_threads,
+        "best_epoch": best["epoch"],
+        "best_valid": best["valid"],
+        "test": test,
+        "last_epoch": last_epoch,
+        "test_last_epoch": test_last,
+        "seconds_per_epoch_median": statistics.median(train_seconds),
+        "seconds_per_epoch_mean": statistics.fmean(train_seconds),
+        "tokens_per_s_median": statistics.median(h["tokens_per_s"] for h in history),
+        "steps_per_epoch": history[0]["steps"],
+        "epochs": history,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(results, indent=1))
+    plot_curves(history, out_dir / "curves.png", title=f"{config.name} on {config.data.dataset}")
+    log(
+        f"[{config.name}] best epoch {best['epoch']} valid ndcg@10 {best['valid']['ndcg@10']:.4f}; "
+        f"test ndcg@10 {test['ndcg@10']:.4f} hr@10 {test['hr@10']:.4f}; "
+        f"median {results['seconds_per_epoch_median']:.2f} s/epoch; wrote {out_dir}"
+    )
+    return results
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path, *, title: str) -> None:
+    """Training loss and validation NDCG@10 / HR@10 per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [h["epoch"] for h in history]
+    ax_loss.plot(epochs, [h["loss"] for h in history])
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
+    evaluated = [h for h in history if "valid" in h]
+    for key in ("ndcg@10", "hr@10"):
+        ax_metric.plot([h["epoch"] for h in evaluated], [h["valid"][key] for h in evaluated], marker=".", label=key)
+    ax_metric.set(xlabel="epoch", title="validation")
+    ax_metric.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
