@@ -7,6 +7,9 @@
    holds exactly that log, so a re-run does not duplicate events).
 3. Consumes the topic back, decodes every event and prints counts (events per partition,
    users, items, actions, dead letters), checking them against the log.
+4. Runs the streaming job (`python -m streaming.job --until-idle`) on the topic: Ray Data
+   micro-batches turn the events into rolling per-user sequences in the SQLite Feast store,
+   committing offsets as they become durable; a re-run finds nothing new to apply.
 
 `bash infra/run_main.sh` sets up, starts the broker when none is running, and runs this.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 import time
 
@@ -23,7 +27,7 @@ import numpy as np
 
 from infra.datasets.movielens import DATASETS, write_movielens_log
 from infra.kafka.broker import read_info
-from infra.paths import state_dir
+from infra.paths import REPO_ROOT, state_dir
 from infra.recorded_log import read_topic, replay_log
 from streaming.events import ActionVocab, decode_values
 from streaming.recorded_log import read_log
@@ -63,12 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     n = write_movielens_log(args.dataset, path, num_partitions=4, topic=TOPIC)
     recorded = read_log(path)
-    log.info("1/3 %s -> %s: %d events in %.1f s", args.dataset, path, n, time.monotonic() - t0)
+    log.info("1/4 %s -> %s: %d events in %.1f s", args.dataset, path, n, time.monotonic() - t0)
 
     expected = recorded.partition_counts()
     ends = _end_offsets(bootstrap, TOPIC)
     if ends == expected:
-        log.info("2/3 %s already holds this log (%s); not replaying", TOPIC, ends)
+        log.info("2/4 %s already holds this log (%s); not replaying", TOPIC, ends)
     elif any(ends.values()):
         print(f"error: topic {TOPIC!r} on {bootstrap} holds other events (end offsets {ends}, the log has "
               f"{expected}); restart the broker (`python -m infra.kafka stop && python -m infra.kafka start`)",
@@ -76,14 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     else:
         result = replay_log(recorded, bootstrap=bootstrap, topic=TOPIC)
-        log.info("2/3 replayed %d events into %s at %.0f events/s", result.count, TOPIC, result.rate)
+        log.info("2/4 replayed %d events into %s at %.0f events/s", result.count, TOPIC, result.rate)
 
     t0 = time.monotonic()
     table = read_topic(bootstrap, TOPIC)
     valid, invalid = decode_values(table.column("value"), table.column("partition"), table.column("offset"),
                                    vocab=ActionVocab.movielens(), now_ms=int(time.time() * 1000))
     seconds = time.monotonic() - t0
-    log.info("3/3 consumed and decoded %d events in %.1f s", table.num_rows, seconds)
+    log.info("3/4 consumed and decoded %d events in %.1f s", table.num_rows, seconds)
 
     parts = np.bincount(table.column("partition").to_numpy(), minlength=4)
     actions = valid.column("action").to_pandas().value_counts().sort_index()
@@ -100,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     if table.num_rows != n or counts["per_partition"] != expected or invalid.num_rows:
         print(f"error: the topic does not give back the log: {table.num_rows} events vs {n}", file=sys.stderr)
         return 1
-    return 0
+
+    log.info("4/4 streaming job: %s -> Feast", TOPIC)
+    job = subprocess.run([sys.executable, "-m", "streaming.job", "--source", f"kafka://{bootstrap}/{TOPIC}",
+                          "--until-idle"], cwd=REPO_ROOT)
+    return job.returncode
 
 
 if __name__ == "__main__":

@@ -1,0 +1,197 @@
+"""Settings of the streaming job, as frozen dataclasses loaded with the project's config loader.
+
+    >>> from streaming.config import load_job_config
+    >>> cfg = load_job_config("streaming/configs/default.yaml", ["max_len=50", "feast.online_store=redis"])
+    >>> cfg.max_len, cfg.feast.online_store, cfg.source_spec().kind
+    (50, 'redis', 'kafka')
+
+`source` is a URL: `kafka://HOST:PORT/TOPIC` reads a broker, `log://PATH.parquet` a recorded
+Kafka log (streaming/recorded_log.py). Unknown keys and wrong types are rejected by
+`trainer.config.load_config` with the dotted key; the checks below reject values that type-check
+but cannot work, before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+from infra.paths import REPO_ROOT, state_dir
+from trainer.config import ConfigError, load_config
+
+CONFIG_DIR = REPO_ROOT / "streaming" / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+
+class JobConfigError(ConfigError):
+    """A streaming-job setting that type-checks but cannot work; the message says what to change."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceSpec:
+    """A parsed `source` URL: kind "kafka" (bootstrap + topic) or "log" (path)."""
+
+    kind: Literal["kafka", "log"]
+    bootstrap: str = ""
+    topic: str = ""
+    path: Path | None = None
+
+
+def parse_source(url: str) -> SourceSpec:
+    """`kafka://127.0.0.1:9092/engagements` or `log://path/to/log.parquet` (relative to the cwd).
+
+    >>> parse_source("kafka://127.0.0.1:9092/engagements").topic
+    'engagements'
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise JobConfigError(
+            f"source {url!r} has no scheme: write kafka://HOST:PORT/TOPIC or log://PATH.parquet"
+        )
+    if scheme == "kafka":
+        bootstrap, slash, topic = rest.partition("/")
+        host, colon, port = bootstrap.rpartition(":")
+        if not slash or not topic or "/" in topic or not colon or not host or not port.isdigit():
+            raise JobConfigError(
+                f"source {url!r} is not kafka://HOST:PORT/TOPIC (e.g. kafka://127.0.0.1:9092/engagements)"
+            )
+        return SourceSpec(kind="kafka", bootstrap=bootstrap, topic=topic)
+    if scheme == "log":
+        if not rest:
+            raise JobConfigError(f"source {url!r} names no file: write log://PATH.parquet")
+        return SourceSpec(kind="log", path=Path(rest))
+    raise JobConfigError(f"source {url!r}: scheme {scheme!r} is not one of kafka, log")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeastConfig:
+    """The online store holding the sequences (features/sequences.py)."""
+
+    online_store: Literal["sqlite", "redis"] = "sqlite"
+    redis_address: str = "127.0.0.1:6379"
+    state_dir: Path | None = None  # None: the checkout's .state/feast/
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeedConfig:
+    """The training feed. No consumers means no feed: offsets then wait only for the sinks.
+
+    consumers: names of the consumers that must acknowledge every micro-batch.
+    capacity: micro-batches handed out but not yet acknowledged by all consumers; when this many
+      are outstanding the job waits (and Kafka holds the rest).
+    actor_name / namespace: where consumers find the buffer (`ray.get_actor(actor_name,
+      namespace=namespace)`).
+    """
+
+    consumers: tuple[str, ...] = ()
+    capacity: int = 4
+    actor_name: str = "hstu-training-feed"
+    namespace: str = "hstu"
+
+
+@dataclass(frozen=True, kw_only=True)
+class KafkaReadConfig:
+    """How micro-batches are fetched from a broker.
+
+    check_crcs: kafka-python verifies record CRCs in pure Python, which halves its fetch rate;
+      off by default because the broker checks them on produce and TCP checksums every hop.
+    read_timeout_s: a partition read that makes no progress for this long fails the batch, which
+      is then retried (a broker restart looks like this).
+    reader: "kafka-python" (default; in requirements.lock) or "ray-read-kafka", Ray Data's own
+      `ray.data.read_kafka`, which needs the confluent-kafka package.
+    """
+
+    reader: Literal["kafka-python", "ray-read-kafka"] = "kafka-python"
+    check_crcs: bool = False
+    read_timeout_s: float = 20.0
+    request_timeout_ms: int = 15_000
+    max_partition_fetch_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class RayConfig:
+    """Ray to start (address None: a local instance sized for a small machine) or to join."""
+
+    address: str | None = None
+    num_cpus: int = 4
+    object_store_mb: int = 512
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamJobConfig:
+    """Everything `python -m streaming.job` needs; see streaming/configs/default.yaml.
+
+    interval_s: how often to look for new events once caught up (a full batch is followed at once
+      by the next). max_batch_events: cap on one micro-batch over all partitions.
+    state_dir: offsets of log sources, the offline store and the dead-letter files of log sources
+      (None: `.state/streaming/<group_id>/`).
+    stop_when_idle: exit once every partition's end (at the time of the check) is applied and
+      committed; for replays and tests. max_batches: exit after this many micro-batches.
+    """
+
+    source: str = "kafka://127.0.0.1:9092/engagements"
+    group_id: str = "hstu-streaming"
+    actions: tuple[str, ...] = ("rate_1", "rate_2", "rate_3", "rate_4", "rate_5")
+    max_len: int = 200
+    interval_s: float = 1.0
+    max_batch_events: int = 50_000
+    start_from: Literal["earliest", "latest"] = "earliest"
+    dlq_topic: str = "engagements.dlq"
+    state_dir: Path | None = None
+    max_value_bytes: int = 4096
+    max_future_skew_ms: int | None = 300_000
+    stop_when_idle: bool = False
+    max_batches: int | None = None
+    progress_every_s: float = 5.0
+    retry_backoff_s: float = 1.0
+    max_consecutive_failures: int = 120
+    kafka: KafkaReadConfig = field(default_factory=KafkaReadConfig)
+    feast: FeastConfig = field(default_factory=FeastConfig)
+    feed: FeedConfig = field(default_factory=FeedConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        parse_source(self.source)
+        checks = [
+            ("max_len", self.max_len, self.max_len >= 1, "at least 1"),
+            ("interval_s", self.interval_s, self.interval_s > 0, "> 0"),
+            ("max_batch_events", self.max_batch_events, self.max_batch_events >= 1, "at least 1"),
+            ("max_value_bytes", self.max_value_bytes, self.max_value_bytes >= 2, "at least 2"),
+            ("progress_every_s", self.progress_every_s, self.progress_every_s > 0, "> 0"),
+            ("retry_backoff_s", self.retry_backoff_s, self.retry_backoff_s >= 0, ">= 0"),
+            ("max_consecutive_failures", self.max_consecutive_failures, self.max_consecutive_failures >= 1,
+             "at least 1"),
+            ("feed.capacity", self.feed.capacity, self.feed.capacity >= 1, "at least 1"),
+            ("kafka.read_timeout_s", self.kafka.read_timeout_s, self.kafka.read_timeout_s > 0, "> 0"),
+            ("ray.num_cpus", self.ray.num_cpus, self.ray.num_cpus >= 1, "at least 1"),
+            ("ray.object_store_mb", self.ray.object_store_mb, self.ray.object_store_mb >= 80, "at least 80"),
+        ]
+        for name, value, ok, want in checks:
+            if not ok:
+                raise JobConfigError(f"{name} ({value!r}) must be {want}")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise JobConfigError(f"max_batches ({self.max_batches}) must be at least 1, or null for no limit")
+        if self.max_future_skew_ms is not None and self.max_future_skew_ms < 0:
+            raise JobConfigError(f"max_future_skew_ms ({self.max_future_skew_ms}) must be >= 0, or null to turn it off")
+        if len(set(self.feed.consumers)) != len(self.feed.consumers) or not all(self.feed.consumers):
+            raise JobConfigError(f"feed.consumers {list(self.feed.consumers)} must be distinct, non-empty names")
+        if not self.group_id or "/" in self.group_id:
+            raise JobConfigError(f"group_id ({self.group_id!r}) must be a non-empty name without '/'")
+        if not self.actions:
+            raise JobConfigError("actions is empty: list the action vocabulary, e.g. [rate_1, rate_2]")
+
+    def source_spec(self) -> SourceSpec:
+        return parse_source(self.source)
+
+    def job_state_dir(self) -> Path:
+        """Where this job's own files live (offsets of log sources, offline store, DLQ files)."""
+        if self.state_dir is not None:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            return self.state_dir
+        return state_dir("streaming", self.group_id)
+
+
+def load_job_config(path: str | Path | None = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> StreamJobConfig:
+    """The job config from a YAML file (default: streaming/configs/default.yaml) plus overrides."""
+    return load_config(StreamJobConfig, path, overrides)
