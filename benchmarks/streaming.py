@@ -1,6 +1,6 @@
 """The streaming job's figures: sustained Kafka -> Feast throughput, and freshness at a fixed rate.
 
-    .venv/bin/python benchmarks/streaming.py                       # everything, dev broker at 127.0.0.1:9092
+    .venv/bin/python benchmarks/streaming.py                       # everything; uses the checkout's running broker, else starts its own
     .venv/bin/python benchmarks/streaming.py --only freshness --stores redis
     .venv/bin/python benchmarks/streaming.py --synthetic-events 200000 --synthetic-users 10000   # quick
 
@@ -305,7 +305,7 @@ def bench_freshness(args, bootstrap: str, work: Path, redis: RedisServer | None)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bootstrap", default=None, help="broker (default: the checkout's running broker)")
+    parser.add_argument("--bootstrap", default=None, help="broker (default: the checkout's running broker, else one it starts and stops)")
     parser.add_argument("--only", choices=["throughput", "freshness"], help="one figure family")
     parser.add_argument("--datasets", default="ml-1m-subset,synthetic")
     parser.add_argument("--stores", default="sqlite,redis")
@@ -331,7 +331,17 @@ def main(argv: list[str] | None = None) -> int:
     from streaming.config import RayConfig, StreamJobConfig
     from streaming.pipeline import init_ray
 
-    bootstrap = args.bootstrap or (read_info().bootstrap if read_info() else "127.0.0.1:9092")
+    from infra.kafka import broker
+
+    own_broker = None
+    bootstrap = args.bootstrap
+    if bootstrap is None and read_info() is not None and broker.is_running():
+        bootstrap = read_info().bootstrap
+    if bootstrap is None:
+        # No broker given or running: start one of our own, in its own state folder, and stop it after.
+        os.environ["HSTU_STATE_DIR"] = tempfile.mkdtemp(prefix="stream-bench-broker-")
+        own_broker = broker.start(broker.BrokerConfig(port=0))
+        bootstrap = own_broker.bootstrap
     work = Path(tempfile.mkdtemp(prefix="stream-bench-", dir=state_dir("bench")))
     redis = RedisServer(work) if "redis" in args.stores else None
     init_ray(StreamJobConfig(ray=RayConfig(num_cpus=4, object_store_mb=1024)))
@@ -348,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         ray.shutdown()
+        if own_broker is not None:
+            broker.stop()
+            shutil.rmtree(os.environ.pop("HSTU_STATE_DIR"), ignore_errors=True)
     return 0
 
 
