@@ -41,23 +41,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from streaming.events import VALID_SCHEMA
 from streaming.offsets import fsync_dir
 
 log = logging.getLogger(__name__)
 
 DAY_MS = 86_400_000
 _FILE = re.compile(r"^p(\d+)-(\d+)-(\d+)\.parquet$")
-OFFLINE_SCHEMA = pa.schema(
-    [
-        ("user_id", pa.int64()),
-        ("item_id", pa.int64()),
-        ("action", pa.dictionary(pa.int8(), pa.string())),
-        ("ts_ms", pa.int64()),
-        ("partition", pa.int32()),
-        ("offset", pa.int64()),
-        ("timestamp_ms", pa.int64()),
-    ]
-)
+# The decoder's valid-event columns plus the Kafka record timestamp.
+OFFLINE_SCHEMA = VALID_SCHEMA.append(pa.field("timestamp_ms", pa.int64()))
 DEAD_LETTER_SCHEMA = pa.schema(
     [
         ("topic", pa.string()),
