@@ -4,14 +4,7 @@
 #   bash infra/run_main.sh            # extra arguments go to the job
 #
 # Uses the broker already running from this checkout if there is one; otherwise starts one and
-# stops it on exit.
+# stops it on exit (infra/with_broker.sh).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$root"
-bash infra/setup.sh
-py=.venv/bin/python
-if ! "$py" -m infra.kafka status >/dev/null; then
-  trap '"$py" -m infra.kafka stop' EXIT
-  "$py" -m infra.kafka start --port 0
-fi
-"$py" -m infra.main_job "$@"
+exec bash "$root/infra/with_broker.sh" .venv/bin/python -m infra.main_job "$@"

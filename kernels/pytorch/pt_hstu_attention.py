@@ -61,6 +61,34 @@ def time_bucket(dt: Tensor, num_buckets: int) -> Tensor:
     return torch.floor(torch.log(gap) / TIME_BUCKET_DIVISOR).clamp(0, num_buckets - 1).long()
 
 
+class _BucketBias(torch.autograd.Function):
+    """`table[:, bucket]` for a per-head table [H, P] and buckets [B, N, N] -> [B, H, N, N].
+
+    Autograd's backward of that indexing accumulates B·N² values into a few hundred cells one
+    by one (`index_put_` with accumulate), the slowest op of a CPU training step; a weighted
+    `bincount` per head gives the same table gradient at memory speed.
+    """
+
+    @staticmethod
+    def forward(ctx, table: Tensor, bucket: Tensor) -> Tensor:
+        ctx.save_for_backward(bucket)
+        ctx.num_buckets = table.shape[1]
+        return table[:, bucket].permute(1, 0, 2, 3)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (bucket,) = ctx.saved_tensors
+        flat = bucket.reshape(-1)
+        per_head = grad.transpose(0, 1).reshape(grad.shape[1], -1)  # (H, B·N·N)
+        rows = [torch.bincount(flat, weights=g.double(), minlength=ctx.num_buckets) for g in per_head]
+        return torch.stack(rows).to(grad.dtype), None
+
+
+def bucket_bias(table: Tensor, bucket: Tensor) -> Tensor:
+    """The bias [B, H, N, N] that a per-head table [H, P] gives the buckets [B, N, N]."""
+    return _BucketBias.apply(table, bucket)
+
+
 def _pad(x: Tensor, token: Tensor, valid: Tensor) -> Tensor:
     """Jagged [T, ...] -> padded [B, N, ...] with zeros past each sequence's end."""
     rows = x[token]  # (B, N, ...)
@@ -117,11 +145,11 @@ def pt_hstu_attention(
     if pos_bias is not None:
         pos = torch.minimum(cols[None, :], hist[:, None])  # (B, N)
         bucket = relative_position_bucket(pos[:, :, None] - pos[:, None, :], pos_bias.shape[1])
-        scores = scores + pos_bias.to(scores.dtype)[:, bucket].permute(1, 0, 2, 3)  # (B, H, N, N)
+        scores = scores + bucket_bias(pos_bias.to(scores.dtype), bucket)  # (B, H, N, N)
     if time_bias is not None:
         ts = _pad(timestamps, token, valid)  # (B, N)
         bucket = time_bucket(ts[:, :, None] - ts[:, None, :], time_bias.shape[1])  # (B, N, N)
-        scores = scores + time_bias.to(scores.dtype)[:, bucket].permute(1, 0, 2, 3)
+        scores = scores + bucket_bias(time_bias.to(scores.dtype), bucket)
 
     weights = torch.where(mask[:, None], F.silu(scores), torch.zeros((), dtype=scores.dtype, device=device))
     if normalize_by_length:

@@ -236,13 +236,21 @@ def softmax_inputs(case: SoftmaxCase, device: str, dtype: torch.dtype) -> dict:
 
 
 def run_softmax(inputs: dict, impl: str) -> dict:
+    """Loss and gradients through the dispatch (`impl` "triton" or "pytorch"), or through one
+    PyTorch function directly: "reference" (the readable oracle) or "dense" (the CPU fast path)."""
+    from kernels.pytorch.pt_sampled_softmax import pt_sampled_softmax_loss
+    from kernels.pytorch.pt_sampled_softmax_dense import pt_sampled_softmax_loss_dense
     from kernels.sampled_softmax import sampled_softmax_loss
 
     query, table = inputs["query"], inputs["table"]
     query.grad = table.grad = None
-    loss = sampled_softmax_loss(
-        query, inputs["pos_ids"], inputs["neg_ids"], table, temperature=inputs["temperature"], impl=impl
-    )
+    args = (query, inputs["pos_ids"], inputs["neg_ids"], table)
+    if impl == "reference":
+        loss = pt_sampled_softmax_loss(*args, temperature=inputs["temperature"])
+    elif impl == "dense":
+        loss = pt_sampled_softmax_loss_dense(*args, temperature=inputs["temperature"])
+    else:
+        loss = sampled_softmax_loss(*args, temperature=inputs["temperature"], impl=impl)
     loss.backward(inputs["grad"])
     return {
         "loss": loss.detach(),
@@ -251,11 +259,12 @@ def run_softmax(inputs: dict, impl: str) -> dict:
     }
 
 
-def check_softmax_case(case: SoftmaxCase, device: str, dtype: torch.dtype) -> None:
-    """Triton against the float32 PyTorch reference: loss and both gradients."""
+def check_softmax_case(case: SoftmaxCase, device: str, dtype: torch.dtype, impl: str = "triton") -> None:
+    """`impl` (Triton, or the dense CPU path) against the float32 readable reference: loss and
+    both gradients."""
     inputs = softmax_inputs(case, device, dtype)
-    got = run_softmax(inputs, "triton")
+    got = run_softmax(inputs, impl)
     ref = dict(inputs, query=inputs["query"].detach().float().requires_grad_(), table=inputs["table"].detach().float().requires_grad_())
-    want = run_softmax(ref, "pytorch")
+    want = run_softmax(ref, "reference")
     for name in want:
         assert_close(f"{name} ({case})", got[name].float(), want[name], dtype)

@@ -1,5 +1,6 @@
-"""kernels.sampled_softmax: the reference against a naive loop, the dispatcher, input errors, the
-Triton kernel through the interpreter (subprocess, float32) and compiled on a GPU (bf16).
+"""kernels.sampled_softmax: the reference against a naive loop, the dense CPU path against the
+reference, the dispatcher, input errors, the Triton kernel through the interpreter (subprocess,
+float32) and compiled on a GPU (bf16).
 
     python -m pytest tests/kernels/test_sampled_softmax.py -q
 """
@@ -14,8 +15,9 @@ from hypothesis import HealthCheck, given, settings
 
 from kernels._dispatch import KernelInputError, KernelUnavailableError, triton_interpreted
 from kernels.pytorch.pt_sampled_softmax import pt_sampled_softmax_loss
+from kernels.pytorch.pt_sampled_softmax_dense import DENSE_MAX_ROWS_PER_NEGATIVE, dense_pays_off
 from kernels.sampled_softmax import sampled_softmax_loss
-from tests.kernels.cases import EDGE_SOFTMAX_CASES, check_softmax_case, softmax_cases
+from tests.kernels.cases import EDGE_SOFTMAX_CASES, check_softmax_case, run_softmax, softmax_cases, softmax_inputs
 
 
 def naive_loss(query, pos_ids, neg_ids, table, temperature):
@@ -52,9 +54,46 @@ def test_interpreted_triton_kernel_matches_reference(interpreted_pytest):
     interpreted_pytest("tests/kernels/interpreted_sampled_softmax.py")
 
 
-def test_cpu_tensors_use_the_reference():
-    args = (torch.randn(3, 16), torch.tensor([0, 1, 2]), torch.randint(0, 10, (3, 4)), torch.randn(10, 16))
-    torch.testing.assert_close(sampled_softmax_loss(*args, temperature=0.1), pt_sampled_softmax_loss(*args, temperature=0.1), atol=0, rtol=0)
+@pytest.mark.parametrize("case", EDGE_SOFTMAX_CASES, ids=["no-rows", "one-item", "shared-k128-d64", "rows-k128-d64"])
+def test_dense_cpu_path_matches_reference_on_edge_cases(case):
+    check_softmax_case(case, "cpu", torch.float32, impl="dense")
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=softmax_cases())
+def test_dense_cpu_path_matches_reference(case):
+    """Loss, d_query and d_table in float32: accidental hits, shared sets, a zero row, V = 1."""
+    check_softmax_case(case, "cpu", torch.float32, impl="dense")
+
+
+def test_dense_cpu_path_chunks_queries(monkeypatch):
+    """Several query chunks (a ragged last one) give the same loss and gradients as one."""
+    from kernels.pytorch import pt_sampled_softmax_dense
+
+    case = EDGE_SOFTMAX_CASES[3]
+    whole = run_softmax(softmax_inputs(case, "cpu", torch.float32), "dense")
+    monkeypatch.setattr(pt_sampled_softmax_dense, "CHUNK_ELEMENTS", 7 * case.vocab)  # 7 queries per chunk
+    chunked = run_softmax(softmax_inputs(case, "cpu", torch.float32), "dense")
+    for name in whole:
+        torch.testing.assert_close(chunked[name], whole[name], atol=1e-6, rtol=1e-5)
+
+
+def test_cpu_tensors_use_pytorch_dense_for_small_tables_and_the_gather_otherwise():
+    assert dense_pays_off(DENSE_MAX_ROWS_PER_NEGATIVE * 4, 4) and not dense_pays_off(DENSE_MAX_ROWS_PER_NEGATIVE * 4 + 1, 4)
+    for vocab in (10, DENSE_MAX_ROWS_PER_NEGATIVE * 4 + 1):
+        table = torch.randn(vocab, 16, requires_grad=True)
+        args = (torch.randn(3, 16), torch.tensor([0, 1, 2]), torch.randint(0, vocab, (3, 4)), table)
+        got = sampled_softmax_loss(*args, temperature=0.1)
+        (d_got,) = torch.autograd.grad(got.sum(), table)
+        want = pt_sampled_softmax_loss(*args, temperature=0.1)
+        (d_want,) = torch.autograd.grad(want.sum(), table)
+        # the gather path is the reference itself (bit-equal); the dense path agrees to float32 rounding
+        tol = dict(atol=0, rtol=0) if vocab > 10 else dict(atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, want, **tol)
+        torch.testing.assert_close(d_got, d_want, **tol)
+        dense_fn = "_DenseSampledSoftmaxBackward" in type(got.grad_fn).__name__
+        assert dense_fn == (vocab == 10), f"V={vocab}: grad_fn {type(got.grad_fn).__name__}"
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
