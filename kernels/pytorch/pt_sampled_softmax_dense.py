@@ -31,8 +31,9 @@ from kernels.pytorch.pt_sampled_softmax import NORMALIZE_EPS
 # The dense path computes V logits per query to use K of them; past this ratio the gather wins
 # (measured on the 2-core box: equal cost near V = 100 K for D = 50).
 DENSE_MAX_ROWS_PER_NEGATIVE = 64
-# [C, V] float32 scores per chunk: about 16 MiB.
-CHUNK_ELEMENTS = 1 << 22
+# [C, V] float32 scores per chunk: 2 MiB, one buffer reused by every chunk, so it stays in cache
+# (16 MiB chunks measured 1.6x slower on the 2-core box: page faults and cache misses).
+CHUNK_ELEMENTS = 1 << 19
 
 
 def dense_pays_off(num_rows: int, num_negatives: int) -> bool:
@@ -53,9 +54,10 @@ class _DenseSampledSoftmax(torch.autograd.Function):
         loss = qn.new_empty(num_queries)
         probs = qn.new_empty(num_queries, 1 + neg_ids.shape[1])  # softmax over (positive, negatives)
         step = _chunks(num_queries, num_rows).step
+        buffer = qn.new_empty(min(step, num_queries), num_rows)
         for start in range(0, num_queries, step):
             end = min(start + step, num_queries)
-            scores = qn[start:end] @ rows.T  # (C, V) cosine similarities
+            scores = torch.mm(qn[start:end], rows.T, out=buffer[: end - start])  # (C, V) cosine similarities
             scores.div_(temperature)
             pos = pos_ids[start:end, None]
             neg = neg_ids[start:end]
@@ -78,9 +80,10 @@ class _DenseSampledSoftmax(torch.autograd.Function):
         d_logits = probs * (grad_loss[:, None] / ctx.temperature)
         d_logits[:, 0] -= grad_loss / ctx.temperature
         step = _chunks(num_queries, num_rows).step
+        buffer = qn.new_empty(min(step, num_queries), num_rows)
         for start in range(0, num_queries, step):
             end = min(start + step, num_queries)
-            d_scores = qn.new_zeros(end - start, num_rows)  # (C, V)
+            d_scores = buffer[: end - start].zero_()  # (C, V)
             d_scores.scatter_add_(1, neg_ids[start:end], d_logits[start:end, 1:])  # masked hits add 0
             d_scores.scatter_add_(1, pos_ids[start:end, None], d_logits[start:end, :1])
             torch.mm(d_scores, rows, out=d_qn[start:end])
