@@ -11,15 +11,34 @@ ranking losses) in their own process, so their peak RSS can be compared.
     python benchmarks/drift.py                          # small default stream (30k events, 20 days)
     python benchmarks/drift.py --events 400000 --items 20000 --users 8000 --days 60 --threads 2
 
-Prints JSON lines (HR@10 of each variant, their ratio, peak RSS, table bytes, the table's
-lookup rate) on stdout and writes a PNG of HR@10 and RSS per day (default
-`.state/benchmarks/drift.png`). Target: the bounded table within 5% of the unbounded one's
-HR@10, with flat memory.
+Prints JSON lines (HR@10 of each variant, their ratio, peak RSS, table bytes, the memory
+slopes below, the table's lookup rate) on stdout and writes a PNG of HR@10, RSS and malloc'd
+bytes in use per day (default `.state/benchmarks/drift.png`). Target: the bounded table within
+5% of the unbounded one's HR@10, with flat memory.
+
+Memory. Each variant records, at the end of every day, the process RSS, the bytes glibc malloc
+has handed out and not got back (`trainer.memory.malloc_stats().in_use`: tensors, arrays, the
+table, optimizer state) and the number of live Python objects (after `gc.collect()`). "Flat
+memory" is judged on the steady state: `drift_rss_slope_<variant>` and
+`drift_malloc_in_use_slope_<variant>` are least-squares slopes over the second half of the days
+(MB/day, MB = 10^6 bytes); the first half is warm-up (optimizer state, allocator caches, the
+model's first shapes). The peak-RSS line is the process high-water mark (`ru_maxrss`, imports
+and warm-up included), not a steady-state figure: it is reached inside a day's scoring or
+training pass and rises with the work of a pass, which grows for as long as users' histories are
+filling up to `max_seq_len` (the default stream: 1.5k training events on day 1, 18k on day 20).
+
+Mitigation applied: glibc keeps the freed per-batch temporaries as free chunks inside its heap
+and returns pages only from the heap's top, so without help RSS climbs ~2.7 MB/day while the
+bytes in use stay flat (allocator retention, not a leak; see `trainer/memory.py`). Each variant
+calls `malloc_trim(0)` (`trainer.memory.release_free_memory()`) once per day, after training and
+before the day's RSS is read; it costs milliseconds. `--no-malloc-trim` turns it off to show the
+raw allocator behaviour.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing as mp
 import resource
@@ -40,6 +59,7 @@ from infra.paths import state_dir  # noqa: E402
 from trainer.batching import make_batch  # noqa: E402
 from trainer.embedding_table import DynamicEmbeddingTable, TableConfig  # noqa: E402
 from trainer.losses import GenerativeLoss, LossConfig, target_index  # noqa: E402
+from trainer.memory import malloc_stats, release_free_memory, second_half_slope  # noqa: E402
 from trainer.model import HSTUModel, ModelConfig, build_model  # noqa: E402
 from trainer.splits import UserSequences, sequences_from_frame  # noqa: E402
 
@@ -63,6 +83,7 @@ class DriftRun:
     eval_per_day: int
     seed: int
     threads: int
+    malloc_trim: bool = True  # give the allocator's free pages back once per day (see the docstring)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,53 +178,71 @@ def run_variant(run: DriftRun) -> dict:
     per_day: list[dict] = []
     rss_start = proc.memory_info().rss
     started = time.perf_counter()
-    for day in range(stream.num_days):
-        todays = np.flatnonzero(stream.day == day)
-        if todays.size == 0:
-            continue
-        # 1) score: the day's events, before training on them
-        sample = np.sort(rng.choice(todays, size=min(run.eval_per_day, todays.size), replace=False))
-        hits, count = score_day(model, stream, sample, run.max_seq_len) if len(table) else (0, 0)
-        # 2) train: each active user's sequence up to the end of the day, today's events new
-        users, first_today, n_new = np.unique(stream.user_of[todays], return_index=True, return_counts=True)
-        ends = todays[first_today] + n_new  # events of a user within a day are contiguous
-        starts = np.maximum(seqs.offsets[users], ends - (run.max_seq_len + 1))
-        daily = slices(seqs, starts, ends)
-        now = float(seqs.timestamps[todays].max())
-        losses = []
-        order = rng.permutation(users.size)
-        for lo in range(0, users.size, run.batch_size):
-            pick = order[lo : lo + run.batch_size]
-            batch = make_batch(daily, pick, max_len=run.max_seq_len + 1, num_new=n_new[pick])
-            new_ids = torch.cat(
-                [batch.item_ids[int(e) - int(k) : int(e)] for e, k in zip(batch.offsets[1:], batch.num_new)]
+    # Everything alive now (imports, stream, model) moves to gc's permanent generation: the daily
+    # gc.collect() below then scans only what the days create, and gc.get_objects() lists only that.
+    gc.collect()
+    gc.freeze()
+    try:
+        for day in range(stream.num_days):
+            todays = np.flatnonzero(stream.day == day)
+            if todays.size == 0:
+                continue
+            # 1) score: the day's events, before training on them
+            sample = np.sort(rng.choice(todays, size=min(run.eval_per_day, todays.size), replace=False))
+            hits, count = score_day(model, stream, sample, run.max_seq_len) if len(table) else (0, 0)
+            # 2) train: each active user's sequence up to the end of the day, today's events new
+            users, first_today, n_new = np.unique(stream.user_of[todays], return_index=True, return_counts=True)
+            ends = todays[first_today] + n_new  # events of a user within a day are contiguous
+            starts = np.maximum(seqs.offsets[users], ends - (run.max_seq_len + 1))
+            daily = slices(seqs, starts, ends)
+            now = float(seqs.timestamps[todays].max())
+            losses = []
+            order = rng.permutation(users.size)
+            for lo in range(0, users.size, run.batch_size):
+                pick = order[lo : lo + run.batch_size]
+                batch = make_batch(daily, pick, max_len=run.max_seq_len + 1, num_new=n_new[pick])
+                new_ids = torch.cat(
+                    [batch.item_ids[int(e) - int(k) : int(e)] for e, k in zip(batch.offsets[1:], batch.num_new)]
+                )
+                table.observe(new_ids, now=now)
+                rows = table.lookup(batch.item_ids)
+                layout = model.layout(batch.offsets)
+                out = model.encode(rows, batch.actions, batch.timestamps, layout)
+                parts = loss_fn(
+                    out, layout=layout, rows=rows, actions=batch.actions,
+                    targets=target_index(batch.offsets, batch.num_new), action_head=model.action_head,
+                )
+                optimizer.zero_grad(set_to_none=True)
+                parts["loss"].backward()
+                optimizer.step()
+                losses.append(parts["loss"].item())
+            gc.collect()  # so that py_objects counts live objects, not cycles awaiting collection
+            if run.malloc_trim:
+                release_free_memory()
+            rss = proc.memory_info().rss
+            heap = malloc_stats()
+            per_day.append(
+                {
+                    "day": day, "hits": hits, "count": count, "hr@10": hits / max(count, 1),
+                    "loss": float(np.mean(losses)),
+                    "rss": rss, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                    "malloc_in_use": heap.in_use if heap else None,
+                    "py_objects": len(gc.get_objects()),  # alive and created since the setup above
+                    "live_rows": len(table), "evicted": table.counters.evicted,
+                    "train_events": int(daily.item_ids.size),  # grows while histories fill up to max_seq_len
+                }
             )
-            table.observe(new_ids, now=now)
-            rows = table.lookup(batch.item_ids)
-            layout = model.layout(batch.offsets)
-            out = model.encode(rows, batch.actions, batch.timestamps, layout)
-            parts = loss_fn(
-                out, layout=layout, rows=rows, actions=batch.actions,
-                targets=target_index(batch.offsets, batch.num_new), action_head=model.action_head,
+            elapsed = time.perf_counter() - started
+            eta = elapsed / (day + 1) * (stream.num_days - day - 1)
+            log(
+                f"[{run.name}] day {day + 1}/{stream.num_days} hr@10 {hits / max(count, 1):.4f} "
+                f"loss {np.mean(losses):.3f} "
+                f"live {len(table)} evicted {table.counters.evicted} rss {rss / 2**20:.0f} MiB "
+                f"in use {(heap.in_use if heap else 0) / 2**20:.0f} MiB "
+                f"({elapsed:.0f}s, eta {eta:.0f}s)"
             )
-            optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            optimizer.step()
-            losses.append(parts["loss"].item())
-        rss = proc.memory_info().rss
-        per_day.append(
-            {
-                "day": day, "hits": hits, "count": count, "hr@10": hits / max(count, 1), "loss": float(np.mean(losses)),
-                "rss": rss, "live_rows": len(table), "evicted": table.counters.evicted,
-            }
-        )
-        elapsed = time.perf_counter() - started
-        eta = elapsed / (day + 1) * (stream.num_days - day - 1)
-        log(
-            f"[{run.name}] day {day + 1}/{stream.num_days} hr@10 {hits / max(count, 1):.4f} loss {np.mean(losses):.3f} "
-            f"live {len(table)} evicted {table.counters.evicted} rss {rss / 2**20:.0f} MiB "
-            f"({elapsed:.0f}s, eta {eta:.0f}s)"
-        )
+    finally:
+        gc.unfreeze()
     scored = [d for d in per_day[1:]]  # day 0 is scored by an untrained model
     return {
         "name": run.name,
@@ -215,6 +254,7 @@ def run_variant(run: DriftRun) -> dict:
         "table_bytes": table_bytes(model, optimizer),
         "seconds": time.perf_counter() - started,
         "num_items": stream.num_items,
+        "malloc_trim": run.malloc_trim,
     }
 
 
@@ -255,15 +295,24 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_hr, ax_mem) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_hr, ax_mem, ax_use) = plt.subplots(1, 3, figsize=(15, 4))
     for res in results:
         days = [d["day"] + 1 for d in res["per_day"]]
         ax_hr.plot(days, [d["hr@10"] for d in res["per_day"]], label=f"{res['name']} (cap {res['capacity']})")
-        ax_mem.plot(days, [d["rss"] / 2**20 for d in res["per_day"]], label=res["name"])
+        (line,) = ax_mem.plot(days, [d["rss"] / 1e6 for d in res["per_day"]], label=f"{res['name']} end of day")
+        ax_mem.plot(
+            days, [d["peak_rss"] / 1e6 for d in res["per_day"]], linestyle="--", color=line.get_color(),
+            label=f"{res['name']} peak so far",
+        )
+        in_use = [d["malloc_in_use"] for d in res["per_day"]]
+        if all(v is not None for v in in_use):
+            ax_use.plot(days, [v / 1e6 for v in in_use], label=res["name"])
+    trim = "malloc_trim once a day" if results and results[0].get("malloc_trim") else "no malloc_trim"
     ax_hr.set(xlabel="day", ylabel="HR@10 (prequential)", title="retrieval quality over time")
-    ax_mem.set(xlabel="day", ylabel="RSS (MiB)", title="process memory")
-    ax_hr.legend()
-    ax_mem.legend()
+    ax_mem.set(xlabel="day", ylabel="RSS (MB)", title=f"process RSS ({trim})")
+    ax_use.set(xlabel="day", ylabel="malloc in use (MB)", title="bytes allocated and not freed")
+    for ax in (ax_hr, ax_mem, ax_use):
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -287,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     # for each other (measured 3-10x slower than 1 thread under a load of 5).
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-malloc-trim", dest="malloc_trim", action="store_false",
+        help="do not return the allocator's free pages once per day (RSS then grows with fragmentation)",
+    )
     parser.add_argument("--png", type=Path, default=None, help="default .state/benchmarks/drift.png")
     args = parser.parse_args(argv)
 
@@ -300,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(
         stream=stream_cfg, max_seq_len=args.max_seq_len, dim=args.dim, lr=args.lr, batch_size=args.batch_size,
         eval_per_day=args.eval_per_day, seed=args.seed, threads=args.threads, eviction=args.eviction,
+        malloc_trim=args.malloc_trim,
     )
     results = [
         run_in_process(DriftRun(name="unbounded", capacity=distinct, **common)),
@@ -307,10 +361,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     context = {
         "events": args.events, "distinct_items": distinct, "days": args.days, "eviction": args.eviction,
-        "threads": args.threads, "device": "cpu",
+        "threads": args.threads, "device": "cpu", "malloc_trim": args.malloc_trim,
     }
     for res in results:
         rss = [d["rss"] for d in res["per_day"]]
+        in_use = [d["malloc_in_use"] for d in res["per_day"]]
+        peaks = [d["peak_rss"] for d in res["per_day"]]
+        events = [d["train_events"] for d in res["per_day"]]
         half = len(rss) // 2
         print(json.dumps({
             "metric": f"drift_hr@10_{res['name']}", "value": res["hr@10"], "unit": "hit rate",
@@ -318,9 +375,27 @@ def main(argv: list[str] | None = None) -> int:
         }))
         print(json.dumps({
             "metric": f"drift_peak_rss_{res['name']}", "value": res["peak_rss"], "unit": "bytes",
-            "rss_growth_second_half_bytes": int(rss[-1] - rss[half]) if rss else 0,
+            # the high-water mark rises with the day's work (training events, see train_events):
+            "peak_rss_growth_second_half_mb": round((peaks[-1] - peaks[half]) / 1e6, 1) if peaks else None,
+            "train_events_mid_last_day": [events[half], events[-1]] if events else None,
             "table_bytes": res["table_bytes"], "capacity": res["capacity"], **context,
         }))
+        # Steady state: slopes over the second half of the days (the first half is warm-up).
+        print(json.dumps({
+            "metric": f"drift_rss_slope_{res['name']}", "value": round(second_half_slope(rss) / 1e6, 3),
+            "unit": "MB/day", "over_days": f"{half + 1}-{len(rss)}",
+            "rss_first_day_mb": round(rss[0] / 1e6, 1) if rss else None,
+            "rss_mid_mb": round(rss[half] / 1e6, 1) if rss else None,
+            "rss_last_day_mb": round(rss[-1] / 1e6, 1) if rss else None, **context,
+        }))
+        if in_use and all(v is not None for v in in_use):
+            print(json.dumps({
+                "metric": f"drift_malloc_in_use_slope_{res['name']}",
+                "value": round(second_half_slope(in_use) / 1e6, 3),
+                "unit": "MB/day", "over_days": f"{half + 1}-{len(in_use)}",
+                "in_use_mid_mb": round(in_use[half] / 1e6, 1), "in_use_last_day_mb": round(in_use[-1] / 1e6, 1),
+                **context,
+            }))
     unbounded, bounded_res = results
     print(json.dumps({
         "metric": "drift_hr@10_bounded_over_unbounded", "value": bounded_res["hr@10"] / max(unbounded["hr@10"], 1e-12),
