@@ -1,8 +1,8 @@
 """The streaming job's figures: sustained Kafka -> Feast throughput, and freshness at a fixed rate.
 
-    .venv/bin/python benchmarks/streaming.py                       # everything; uses the checkout's running broker, else starts its own
+    .venv/bin/python benchmarks/streaming.py                       # everything (~5 min); uses the checkout's running broker, else starts its own
     .venv/bin/python benchmarks/streaming.py --only freshness --stores redis
-    .venv/bin/python benchmarks/streaming.py --synthetic-events 200000 --synthetic-users 10000   # quick
+    .venv/bin/python benchmarks/streaming.py --synthetic-events 2000000 --synthetic-users 100000  # the issue's 2M stream (~+6 min)
 
 Every figure is one JSON line on stdout ({"metric", "value", "unit", ...context}); progress and
 the job's own log go to stderr. Figures:
@@ -13,12 +13,17 @@ the job's own log go to stderr. Figures:
   to Feast, and the figure is events / time from the first micro-batch's start to the last one's
   end (Ray and Feast start-up excluded: a warm-up job runs first in the same Ray instance).
   Datasets: the MovieLens-1M subset (users 1..2999, 487,650 events; not the full ML-1M) and the
-  synthetic stream (infra/datasets/synthetic.py), 2M events over 100k users by default. The
-  context has the per-stage seconds, which show where the time goes.
+  synthetic stream (infra/datasets/synthetic.py), by default 500k events over 25k users: the
+  issue's 2M over 100k scaled down 4x with the same 20 events per user, to keep the default run
+  within minutes. A 100k-event batch then touches ~25k users instead of ~49k, so the Feast load
+  per event is about half the issue's: pass `--synthetic-events 2000000 --synthetic-users
+  100000` for the issue's size (benchmarks/RESULTS.md has both). The context has the per-stage
+  seconds, which show where the time goes.
 - stream_freshness_p50_s / stream_freshness_p99_s (per store): a producer process sends synthetic
   events at a fixed rate (default 5k/s, for `--freshness-seconds`) while the job runs; freshness
   is, per event, the time its sequence write to Feast returned minus the record's Kafka
-  timestamp (set by the producer when it sent it; same clock).
+  timestamp (set by the producer when it sent it; same clock). Users are drawn from
+  `--freshness-users` (100k), so nearly every event is a Feast read and write of its own.
 
 `--stores sqlite,redis`: Redis runs as a local `redis-server` (Debian package) that the benchmark
 starts on a free loopback port and stops again. The machine is shared and small: the context
@@ -250,7 +255,7 @@ def bench_throughput(args, bootstrap: str, work: Path, redis: RedisServer | None
                      online_store=store, **info, batches=summary.batches, max_batch_events=args.max_batch_events,
                      active_seconds=round(summary.active_seconds, 2), users_written=summary.users_written,
                      stage_seconds=summary.stage_seconds, produce_events_per_s=round(produce_rate), target=50_000,
-                     reader=cfg.kafka.reader,
+                     reader=cfg.kafka.reader, feast_bulk_io=cfg.feast.bulk_io,
                      **load)
         finally:
             admin = KafkaAdminClient(bootstrap_servers=bootstrap)
@@ -281,7 +286,7 @@ def bench_freshness(args, bootstrap: str, work: Path, redis: RedisServer | None)
             out: mp.Queue = mp.get_context("spawn").Queue()
             producer = mp.get_context("spawn").Process(
                 target=_paced_producer,
-                args=(bootstrap, topic, args.freshness_rate, args.freshness_seconds, args.synthetic_users, 1, out))
+                args=(bootstrap, topic, args.freshness_rate, args.freshness_seconds, args.freshness_users, 1, out))
             producer.start()
             producer.join()
             sent = out.get(timeout=30)
@@ -294,7 +299,8 @@ def bench_freshness(args, bootstrap: str, work: Path, redis: RedisServer | None)
             context = dict(online_store=store, produce_rate=args.freshness_rate,
                            achieved_rate=round(sent["events"] / sent["seconds"], 1), events=sent["events"],
                            applied=s.valid_events, interval_s=args.freshness_interval, batches=s.batches,
-                           stage_seconds=s.stage_seconds, target_p99_s=2.0, reader=cfg.kafka.reader, **load)
+                           stage_seconds=s.stage_seconds, target_p99_s=2.0, reader=cfg.kafka.reader,
+                           feast_bulk_io=cfg.feast.bulk_io, users=args.freshness_users, **load)
             emit("stream_freshness_p50_s", s.freshness_p50_s, "s", **context)
             emit("stream_freshness_p99_s", s.freshness_p99_s, "s", **context)
         finally:
@@ -309,13 +315,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["throughput", "freshness"], help="one figure family")
     parser.add_argument("--datasets", default="ml-1m-subset,synthetic")
     parser.add_argument("--stores", default="sqlite,redis")
-    parser.add_argument("--synthetic-events", type=int, default=2_000_000)
-    parser.add_argument("--synthetic-users", type=int, default=100_000)
+    parser.add_argument("--synthetic-events", type=int, default=500_000,
+                        help="synthetic stream size (default 500k; the issue's figure is 2,000,000)")
+    parser.add_argument("--synthetic-users", type=int, default=25_000,
+                        help="synthetic users (default 25k; the issue's figure is 100,000)")
     parser.add_argument("--synthetic-items", type=int, default=50_000)
     parser.add_argument("--max-batch-events", type=int, default=100_000)
     parser.add_argument("--freshness-rate", type=float, default=5_000.0)
     parser.add_argument("--freshness-seconds", type=float, default=30.0)
     parser.add_argument("--freshness-interval", type=float, default=0.25)
+    parser.add_argument("--freshness-users", type=int, default=100_000,
+                        help="users the paced producer draws from (most events touch a user of their own)")
     parser.add_argument("--job", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra job config overrides, e.g. kafka.reader=ray-read-kafka")
     args = parser.parse_args(argv)

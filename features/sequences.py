@@ -3,10 +3,12 @@
 The streaming job reads the sequences of every user in a micro-batch, appends the new events and
 writes them back; serving reads them to rank. Both go through `SequenceStore`, which applies the
 Feast repository (`features/definitions.py`, `features/feature_store*.yaml`) on first use and
-then talks to the online store's provider directly: one `online_read` and one
-`online_write_batch` per call, with the protobuf values built here. Feast's DataFrame path
-(`FeatureStore.write_to_online_store` / `push`) and `get_online_features` are slower for the
-same rows (`measure_batch_io` times both write paths).
+then writes and reads the online store's rows in bulk (features/online_rows.py: the bytes
+Feast's provider would write, built and parsed with numpy, one `executemany` or Redis pipeline
+per call). `bulk_io=False` goes through the provider instead: one `online_read` and one
+`online_write_batch` per call, with one protobuf message per value built here. Feast's DataFrame
+path (`FeatureStore.write_to_online_store` / `push`) and `get_online_features` are slower for
+the same rows (`measure_batch_io` times the write paths).
 
 Sequences travel as a `SequenceBatch`: jagged int64 arrays, sequence `i` being
 `item_ids[offsets[i]:offsets[i + 1]]` (oldest first), with `actions` as int64 codes into the
@@ -261,12 +263,16 @@ class SequenceStoreConfig:
     redis_address: "host:port" of the Redis server when online_store is "redis".
     state_dir: the folder that holds the Feast repository (registry, SQLite file, offline
       files); None means `infra.paths.state_dir("feast")`. Each online store gets a subfolder.
+    bulk_io: write and read the rows with features/online_rows.py (the same bytes, built and
+      parsed with numpy: 2-4x faster on the 2-core box, see benchmarks/RESULTS.md); False goes
+      through the provider's `online_write_batch` / `online_read`, one protobuf message per value.
     """
 
     max_len: int
     online_store: Literal["sqlite", "redis"] = "sqlite"
     redis_address: str = "127.0.0.1:6379"
     state_dir: Path | None = None
+    bulk_io: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_len, int) or isinstance(self.max_len, bool) or self.max_len < 1:
@@ -296,6 +302,7 @@ class SequenceStore:
         root = config.state_dir if config.state_dir is not None else state_dir("feast")
         self.repo_dir = root / config.online_store
         self._opened: tuple[FeatureStore, FeatureView] | None = None
+        self._bulk = None  # features.online_rows.SqliteRows / RedisRows, opened with the store
 
     @property
     def feature_store(self) -> FeatureStore:
@@ -319,9 +326,44 @@ class SequenceStore:
             except (OSError, ValueError, sqlite3.Error) as error:
                 raise self._apply_error(error) from error
             self._opened = (store, store.get_feature_view(USER_SEQUENCE))
+            if self.config.bulk_io:
+                from features.online_rows import RowLayoutError
+
+                try:
+                    self._bulk = self._open_bulk(*self._opened)
+                except RowLayoutError as error:  # a table layout we do not write: the provider's path
+                    log.warning("bulk I/O off, using Feast's provider: %s", error)
         log.info("feast repository applied in %s (%s online store)",
                  self.repo_dir, self.config.online_store)
         return self._opened
+
+    def _open_bulk(self, store: FeatureStore, view: FeatureView):
+        """The bulk row writer/reader for this store (features/online_rows.py)."""
+        from feast.infra.key_encoding_utils import serialize_entity_key
+        from feast.infra.online_stores.helpers import _mmh3
+        from feast.infra.online_stores.sqlite import SqliteOnlineStore, _table_id
+        from google.protobuf.timestamp_pb2 import Timestamp
+
+        from features import online_rows
+
+        version = store.config.entity_key_serialization_version
+
+        def serialize_one(user_id: int) -> bytes:
+            return serialize_entity_key(_entity_key(user_id), entity_key_serialization_version=version)
+
+        if self.config.online_store == "sqlite":
+            table = _table_id(store.config.project, view,
+                              store.config.registry.enable_online_feature_view_versioning)
+            return online_rows.SqliteRows(SqliteOnlineStore._get_db_path(store.config), table, serialize_one)
+
+        def timestamp_bytes(now: datetime) -> bytes:
+            ts = Timestamp()
+            ts.FromDatetime(now)
+            return ts.SerializeToString()
+
+        host, _, port = self.config.redis_address.rpartition(":")
+        return online_rows.RedisRows(redis.Redis(host=host, port=int(port)), store.config.project, view.name,
+                                     serialize_one, _mmh3, timestamp_bytes)
 
     def _write_repo_config(self) -> Path:
         """Copy features/feature_store*.yaml into repo_dir (with redis_address); return its path."""
@@ -384,6 +426,9 @@ class SequenceStore:
                 "one write: which row wins would be undefined; merge them first"
             )
         store, view = self._open()
+        if self._bulk is not None:
+            self._bulk.write(batch, datetime.now(timezone.utc))
+            return
         rows = _encode_rows(batch, datetime.now(timezone.utc))
         store.provider.online_write_batch(store.config, view, rows, progress=None)
 
@@ -398,6 +443,13 @@ class SequenceStore:
                 "use np.asarray(ids, dtype=np.int64)"
             )
         store, view = self._open()
+        if self._bulk is not None:
+            from features.online_rows import RowLayoutError
+
+            try:
+                return self._bulk.read(user_ids, _READ_CHUNK)
+            except RowLayoutError as error:  # rows written by something else: Feast's parser
+                log.warning("bulk read fell back to Feast's online_read: %s", error)
         results = []
         for start in range(0, len(user_ids), _READ_CHUNK):
             chunk = user_ids[start:start + _READ_CHUNK].tolist()
@@ -409,6 +461,9 @@ class SequenceStore:
         """Drop the FeatureStore; its connections close when it is collected. A later call
         reopens it (and applies again, which changes nothing)."""
         self._opened = None
+        if self._bulk is not None:
+            self._bulk.close()
+            self._bulk = None
 
 
 def _entity_key(user_id: int) -> EntityKeyProto:
@@ -570,9 +625,10 @@ def measure_batch_io(
                 "cpu_seconds_median": round(statistics.median(cpu for _, cpu in seconds), 4),
                 "path": path, **context}
 
+    bulk = "features.online_rows (bulk_io)"
     return [
-        figure("feast_write_rows_per_s", write_s, "provider.online_write_batch"),
-        figure("feast_read_rows_per_s", read_s, "provider.online_read"),
+        figure("feast_write_rows_per_s", write_s, bulk if store.config.bulk_io else "provider.online_write_batch"),
+        figure("feast_read_rows_per_s", read_s, bulk if store.config.bulk_io else "provider.online_read"),
         figure("feast_push_write_rows_per_s", push_s, "FeatureStore.push (DataFrame)"),
     ]
 

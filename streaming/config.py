@@ -71,6 +71,7 @@ class FeastConfig:
     online_store: Literal["sqlite", "redis"] = "sqlite"
     redis_address: str = "127.0.0.1:6379"
     state_dir: Path | None = None  # None: the checkout's .state/feast/
+    bulk_io: bool = True  # rows built and parsed with numpy (features/online_rows.py), same bytes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,15 +95,17 @@ class FeedConfig:
 class KafkaReadConfig:
     """How micro-batches are fetched from a broker.
 
-    check_crcs: kafka-python verifies record CRCs in pure Python, which halves its fetch rate;
-      off by default because the broker checks them on produce and TCP checksums every hop.
+    check_crcs: verify record CRCs in the client (kafka-python does it in pure Python, which
+      halves its fetch rate); off by default because the broker checks them on produce and TCP
+      checksums every hop.
     read_timeout_s: a partition read that makes no progress for this long fails the batch, which
       is then retried (a broker restart looks like this).
-    reader: "kafka-python" (default; in requirements.lock) or "ray-read-kafka", Ray Data's own
-      `ray.data.read_kafka`, which needs the confluent-kafka package.
+    reader: "confluent-kafka" (default: our range datasource on confluent-kafka),
+      "kafka-python" (the same on kafka-python, ~5x slower here) or "ray-read-kafka", Ray Data's
+      own `ray.data.read_kafka` (see streaming/kafka_source.py).
     """
 
-    reader: Literal["kafka-python", "ray-read-kafka"] = "kafka-python"
+    reader: Literal["confluent-kafka", "kafka-python", "ray-read-kafka"] = "confluent-kafka"
     check_crcs: bool = False
     read_timeout_s: float = 20.0
     request_timeout_ms: int = 15_000
@@ -124,6 +127,7 @@ class StreamJobConfig:
 
     interval_s: how often to look for new events once caught up (a full batch is followed at once
       by the next). max_batch_events: cap on one micro-batch over all partitions.
+    offline_writers: threads writing (and fsyncing) the offline store's files of one batch.
     state_dir: offsets of log sources, the offline store and the dead-letter files of log sources
       (None: `.state/streaming/<group_id>/`).
     stop_when_idle: exit once every partition's end (at the time of the check) is applied and
@@ -136,6 +140,7 @@ class StreamJobConfig:
     max_len: int = 200
     interval_s: float = 1.0
     max_batch_events: int = 50_000
+    offline_writers: int = 8
     start_from: Literal["earliest", "latest"] = "earliest"
     dlq_topic: str = "engagements.dlq"
     state_dir: Path | None = None
@@ -157,6 +162,7 @@ class StreamJobConfig:
             ("max_len", self.max_len, self.max_len >= 1, "at least 1"),
             ("interval_s", self.interval_s, self.interval_s > 0, "> 0"),
             ("max_batch_events", self.max_batch_events, self.max_batch_events >= 1, "at least 1"),
+            ("offline_writers", self.offline_writers, self.offline_writers >= 1, "at least 1"),
             ("max_value_bytes", self.max_value_bytes, self.max_value_bytes >= 2, "at least 2"),
             ("progress_every_s", self.progress_every_s, self.progress_every_s > 0, "> 0"),
             ("retry_backoff_s", self.retry_backoff_s, self.retry_backoff_s >= 0, ">= 0"),

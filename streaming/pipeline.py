@@ -221,7 +221,7 @@ class StreamJob:
         self.source: MicroBatchSource = open_source(cfg)
         self.source_kind = spec.kind
         state = cfg.job_state_dir()
-        self.offline = OfflineStore(state / "offline", actions=cfg.actions)
+        self.offline = OfflineStore(state / "offline", actions=cfg.actions, writers=cfg.offline_writers)
         if spec.kind == "kafka":
             self.offsets: OffsetStore = KafkaGroupOffsets(spec.bootstrap, spec.topic, cfg.group_id,
                                                           request_timeout_ms=cfg.kafka.request_timeout_ms)
@@ -232,7 +232,7 @@ class StreamJob:
             self.dlq = FileDeadLetters(state / "dlq", source_topic=self.source.topic)
         self.store = SequenceStore(SequenceStoreConfig(
             max_len=cfg.max_len, online_store=cfg.feast.online_store, redis_address=cfg.feast.redis_address,
-            state_dir=cfg.feast.state_dir))
+            state_dir=cfg.feast.state_dir, bulk_io=cfg.feast.bulk_io))
         self.store.feature_store  # apply the Feast repository now, not inside the first batch
         self.feed = None
         if cfg.feed.consumers:
@@ -441,7 +441,7 @@ class StreamJob:
         return {"lag": lag, "pending": self.frontier.pending, "batches": self.summary.batches}
 
     def _close(self) -> None:
-        for name in ("source", "offsets", "dlq"):
+        for name in ("source", "offsets", "dlq", "offline"):
             thing = getattr(self, name, None)
             if thing is not None:
                 try:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -95,14 +96,41 @@ def _group_bounds(keys: np.ndarray) -> np.ndarray:
     return np.r_[0, np.flatnonzero(keys[1:] != keys[:-1]) + 1, len(keys)]
 
 
+class _Writers:
+    """A small thread pool that runs a function over items and re-raises the first error."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = max(1, threads)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def run(self, fn, items: list) -> None:
+        if len(items) <= 1 or self.threads == 1:
+            for item in items:
+                fn(item)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="offline-store")
+        for _ in self._pool.map(fn, items):  # map re-raises a worker's exception here
+            pass
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
 class OfflineStore:
     """Append-only Parquet store of valid events, partitioned by event day (UTC)."""
 
-    def __init__(self, root: Path, *, actions: tuple[str, ...]) -> None:
+    def __init__(self, root: Path, *, actions: tuple[str, ...], writers: int = 8) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.dictionary = pa.array(list(actions), type=pa.string())
         self._marks = _scan_watermarks(self.root, "day=*/p*.parquet")
+        self._pool = _Writers(writers)
+
+    def close(self) -> None:
+        self._pool.close()
 
     def append(self, events: pa.Table) -> int:
         """Write the events not yet in the store (EVENT_COLUMNS of streaming/sequence_update.py);
@@ -119,6 +147,8 @@ class OfflineStore:
         bounds = _group_bounds(group_key)
         written = 0
         folders: set[Path] = set()
+        files: list[tuple[pa.Table, Path]] = []
+        marks: dict[tuple[str, int], int] = {}
         for g in range(len(bounds) - 1):  # one file per (day, partition) in the batch
             lo, hi = int(bounds[g]), int(bounds[g + 1])
             folder_name = "day=" + datetime.fromtimestamp(int(day[lo]) * 86_400, tz=timezone.utc).strftime("%Y-%m-%d")
@@ -141,14 +171,17 @@ class OfflineStore:
                 schema=OFFLINE_SCHEMA,
             )
             folder = self.root / folder_name
-            _write_parquet_atomic(out, folder / _file_name(p, int(off[lo]), int(off[hi - 1])))
+            files.append((out, folder / _file_name(p, int(off[lo]), int(off[hi - 1]))))
             folders.add(folder)
-            self._marks[(folder_name, p)] = int(off[hi - 1])
+            marks[(folder_name, p)] = int(off[hi - 1])
             written += hi - lo
-        for folder in folders:
-            fsync_dir(folder)
+        # Files (and their fsyncs) are written by `writers` threads: a replay of history spans
+        # hundreds of days per batch, and Parquet encoding and fsync both release the GIL.
+        self._pool.run(lambda job: _write_parquet_atomic(*job), files)
+        self._pool.run(fsync_dir, sorted(folders))
         if folders:
             fsync_dir(self.root)
+        self._marks.update(marks)  # only once every file is durable
         return written
 
     def read(self) -> pa.Table:

@@ -23,10 +23,11 @@ def produce(bootstrap: str, topic: str, per_partition: dict[int, int]) -> None:
     producer.close()
 
 
-def test_read_ranges_and_partition_contract(kafka_bootstrap, new_topic, ray_address):
+@pytest.mark.parametrize("reader", ["confluent-kafka", "kafka-python"])
+def test_read_ranges_and_partition_contract(reader, kafka_bootstrap, new_topic, ray_address):
     topic = new_topic(partitions=3)
     produce(kafka_bootstrap, topic, {0: 30, 1: 5, 2: 0})
-    source = KafkaSource(kafka_bootstrap, topic, KafkaReadConfig(read_timeout_s=10))
+    source = KafkaSource(kafka_bootstrap, topic, KafkaReadConfig(reader=reader, read_timeout_s=10))
     try:
         assert source.list_parts() == [0, 1, 2]
         assert source.end_offsets() == {0: 30, 1: 5, 2: 0}
@@ -45,13 +46,40 @@ def test_read_ranges_and_partition_contract(kafka_bootstrap, new_topic, ray_addr
         source.close()
 
 
-def test_a_range_past_the_end_times_out_with_a_clear_error(kafka_bootstrap, new_topic):
-    from streaming.kafka_source import read_partition_range
+@pytest.mark.parametrize("reader", ["confluent-kafka", "kafka-python"])
+def test_a_range_past_the_end_times_out_with_a_clear_error(reader, kafka_bootstrap, new_topic):
+    from streaming.kafka_source import range_reader
 
+    config = KafkaReadConfig(reader=reader, read_timeout_s=2)
     topic = new_topic(partitions=1)
     produce(kafka_bootstrap, topic, {0: 3})
     with pytest.raises(KafkaSourceError, match="no record for 2 s at offset 3"):
-        read_partition_range(kafka_bootstrap, topic, 0, 0, 10, KafkaReadConfig(read_timeout_s=2))
+        range_reader(config)(kafka_bootstrap, topic, 0, 0, 10, config)
+
+
+def test_confluent_reader_reads_big_ranges_exactly(kafka_bootstrap, new_topic):
+    """More records than one consume() call returns, a range ending mid-fetch, null keys/values."""
+    from kafka import KafkaProducer
+
+    from streaming.kafka_source import read_partition_range, read_partition_range_confluent
+
+    topic = new_topic(partitions=1)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=20, batch_size=1 << 20)
+    for i in range(150_000):
+        producer.send(topic, key=None if i % 7 == 1 and i % 11 else b"k%d" % i, value=None if i % 11 == 0 else b"v%d" % i,
+                      partition=0, timestamp_ms=5_000 + i)
+    producer.flush()
+    producer.close()
+    config = KafkaReadConfig(read_timeout_s=10)
+    for start, end in ((0, 150_000), (123, 140_001), (149_999, 150_000)):
+        got = read_partition_range_confluent(kafka_bootstrap, topic, 0, start, end, config)
+        assert got.column("offset").to_pylist() == list(range(start, end))
+        assert got.column("timestamp_ms").to_pylist() == [5_000 + i for i in range(start, end)]
+        assert got.equals(read_partition_range(kafka_bootstrap, topic, 0, start, end, config))
+    values = read_partition_range_confluent(kafka_bootstrap, topic, 0, 0, 23, config).column("value").to_pylist()
+    keys = read_partition_range_confluent(kafka_bootstrap, topic, 0, 0, 23, config).column("key").to_pylist()
+    assert values[0] is None and values[11] is None and values[22] is None and values[1] == b"v1"
+    assert keys[1] is None and keys[8] is None and keys[0] == b"k0" and keys[22] == b"k22"
 
 
 def test_unknown_topic_is_reported(kafka_bootstrap):
@@ -63,13 +91,13 @@ def test_unknown_topic_is_reported(kafka_bootstrap):
         source.close()
 
 
-def test_ray_read_kafka_reader_matches_kafka_python(kafka_bootstrap, new_topic, ray_address):
+def test_every_reader_reads_the_same_records(kafka_bootstrap, new_topic, ray_address):
     pytest.importorskip("confluent_kafka", reason="ray.data.read_kafka needs confluent-kafka (pinned in requirements.lock)")
     topic = new_topic(partitions=3)
     produce(kafka_bootstrap, topic, {0: 12, 1: 4, 2: 7})
     ranges = {0: (3, 12), 1: (0, 4), 2: (7, 7)}
     tables = {}
-    for reader in ("kafka-python", "ray-read-kafka"):
+    for reader in ("confluent-kafka", "kafka-python", "ray-read-kafka"):
         source = KafkaSource(kafka_bootstrap, topic, KafkaReadConfig(reader=reader, read_timeout_s=3))
         try:
             tables[reader] = collect(source.read_ranges(ranges)).sort_by([("partition", "ascending"), ("offset", "ascending")])
@@ -82,4 +110,5 @@ def test_ray_read_kafka_reader_matches_kafka_python(kafka_bootstrap, new_topic, 
         finally:
             source.close()
     assert tables["ray-read-kafka"].equals(tables["kafka-python"])
+    assert tables["confluent-kafka"].equals(tables["kafka-python"])
     assert tables["kafka-python"].num_rows == 13
