@@ -12,7 +12,7 @@
 
 The loss is defined in `kernels/pytorch/pt_sampled_softmax.py`; the kernel is
 `kernels/triton/triton_sampled_softmax.py`; the choice follows `kernels/_dispatch.py`. On the
-PyTorch side, tables of at most `DENSE_MAX_ROWS_PER_NEGATIVE` rows per negative (the public
+PyTorch side, tables of at most 64 rows per negative (`dense_pays_off`) (the public
 datasets' catalogues) take `kernels/pytorch/pt_sampled_softmax_dense.py`, the same function
 through [chunk, V] matmuls, about 15x faster on a CPU than the readable reference's [N, K, D]
 gather; larger tables take the reference. The
@@ -28,11 +28,7 @@ from torch import Tensor
 
 from kernels._dispatch import KernelInputError, resolve_impl
 from kernels.pytorch.pt_sampled_softmax import pt_sampled_softmax_loss
-from kernels.pytorch.pt_sampled_softmax_dense import (  # noqa: F401  (DENSE_MAX_ROWS_PER_NEGATIVE: documented here)
-    DENSE_MAX_ROWS_PER_NEGATIVE,
-    dense_pays_off,
-    pt_sampled_softmax_loss_dense,
-)
+from kernels.pytorch.pt_sampled_softmax_dense import dense_pays_off, pt_sampled_softmax_loss_dense
 
 MAX_DIM = 1024  # Triton path: a [16, D] float32 tile per program
 

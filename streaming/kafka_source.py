@@ -83,16 +83,15 @@ def _consumer(bootstrap: str, config: KafkaReadConfig):
     )
 
 
-def records_table(partition: int, records: list) -> pa.Table:
-    """kafka-python ConsumerRecords of one partition as a RECORD_SCHEMA table."""
-    n = len(records)
+def records_table(partition: int, offsets: list[int], timestamps: list[int], keys: list, values: list) -> pa.Table:
+    """The records of one partition, as parallel columns, as a RECORD_SCHEMA table."""
     return pa.Table.from_arrays(
         [
-            pa.array(np.full(n, partition, dtype=np.int32)),
-            pa.array(np.fromiter((r.offset for r in records), dtype=np.int64, count=n)),
-            pa.array(np.fromiter((r.timestamp for r in records), dtype=np.int64, count=n)),
-            pa.array([r.key for r in records], type=pa.binary()),
-            pa.array([r.value for r in records], type=pa.binary()),
+            pa.array(np.full(len(offsets), partition, dtype=np.int32)),
+            pa.array(np.array(offsets, dtype=np.int64)),
+            pa.array(np.array(timestamps, dtype=np.int64)),
+            pa.array(keys, type=pa.binary()),
+            pa.array(values, type=pa.binary()),
         ],
         schema=RECORD_SCHEMA,
     )
@@ -136,7 +135,8 @@ def read_partition_range(
                     f"{topic}[{partition}]: no record for {config.read_timeout_s:.0f} s at offset {position} "
                     f"(reading up to {end}); is the broker at {bootstrap} up?"
                 )
-        return records_table(partition, got)
+        return records_table(partition, [r.offset for r in got], [r.timestamp for r in got],
+                             [r.key for r in got], [r.value for r in got])
     finally:
         consumer.close(autocommit=False)
 
@@ -204,17 +204,7 @@ def read_partition_range_confluent(
                     f"{topic}[{partition}]: no record for {config.read_timeout_s:.0f} s at offset {position} "
                     f"(reading up to {end}); is the broker at {bootstrap} up?"
                 )
-        n = len(offsets)
-        return pa.Table.from_arrays(
-            [
-                pa.array(np.full(n, partition, dtype=np.int32)),
-                pa.array(np.array(offsets, dtype=np.int64)),
-                pa.array(np.array(stamps, dtype=np.int64)),
-                pa.array(keys, type=pa.binary()),
-                pa.array(values, type=pa.binary()),
-            ],
-            schema=RECORD_SCHEMA,
-        )
+        return records_table(partition, offsets, stamps, keys, values)
     finally:
         consumer.close()
 

@@ -41,8 +41,9 @@ def dense_pays_off(num_rows: int, num_negatives: int) -> bool:
     return num_rows <= DENSE_MAX_ROWS_PER_NEGATIVE * max(num_negatives, 1)
 
 
-def _chunks(num_queries: int, num_rows: int) -> range:
-    return range(0, num_queries, max(1, CHUNK_ELEMENTS // max(num_rows, 1)))
+def _chunk_rows(num_rows: int) -> int:
+    """Queries per chunk, so that one chunk's [C, V] scores hold about CHUNK_ELEMENTS values."""
+    return max(1, CHUNK_ELEMENTS // max(num_rows, 1))
 
 
 class _DenseSampledSoftmax(torch.autograd.Function):
@@ -53,7 +54,7 @@ class _DenseSampledSoftmax(torch.autograd.Function):
         num_queries, num_rows = qn.shape[0], rows.shape[0]
         loss = qn.new_empty(num_queries)
         probs = qn.new_empty(num_queries, 1 + neg_ids.shape[1])  # softmax over (positive, negatives)
-        step = _chunks(num_queries, num_rows).step
+        step = _chunk_rows(num_rows)
         buffer = qn.new_empty(min(step, num_queries), num_rows)
         for start in range(0, num_queries, step):
             end = min(start + step, num_queries)
@@ -79,7 +80,7 @@ class _DenseSampledSoftmax(torch.autograd.Function):
         # d loss_i / d logit_ij = p_ij - [j is the positive]; logits are scores / temperature.
         d_logits = probs * (grad_loss[:, None] / ctx.temperature)
         d_logits[:, 0] -= grad_loss / ctx.temperature
-        step = _chunks(num_queries, num_rows).step
+        step = _chunk_rows(num_rows)
         buffer = qn.new_empty(min(step, num_queries), num_rows)
         for start in range(0, num_queries, step):
             end = min(start + step, num_queries)
