@@ -345,6 +345,7 @@ class SequenceStore:
         from google.protobuf.timestamp_pb2 import Timestamp
 
         from features import online_rows
+        from features.redis_pipe import RedisPipe
 
         version = store.config.entity_key_serialization_version
 
@@ -362,7 +363,7 @@ class SequenceStore:
             return ts.SerializeToString()
 
         host, _, port = self.config.redis_address.rpartition(":")
-        return online_rows.RedisRows(redis.Redis(host=host, port=int(port)), store.config.project, view.name,
+        return online_rows.RedisRows(RedisPipe(host, int(port)), store.config.project, view.name,
                                      serialize_one, _mmh3, timestamp_bytes)
 
     def _write_repo_config(self) -> Path:
