@@ -8,7 +8,7 @@ Every figure is one JSON line on stdout ({"metric", "value", "unit", ...context}
 the job's own log go to stderr. Figures:
 
 - stream_throughput_events_per_s (per dataset and online store): the dataset's recorded log is
-  produced into a fresh 4-partition topic first (untimed, one producer process per partition);
+  produced into a fresh 4-partition topic first (untimed, confluent-kafka);
   then `streaming.pipeline.StreamJob` (the code behind `python -m streaming.job`) applies it all
   to Feast, and the figure is events / time from the first micro-batch's start to the last one's
   end (Ray and Feast start-up excluded: a warm-up job runs first in the same Ray instance).
@@ -114,40 +114,39 @@ class RedisServer:
 
 # --- producing ---------------------------------------------------------------------------------------
 
-def _produce_partition(bootstrap: str, topic: str, partition: int, keys: list, values: list,
-                       timestamps: list | None) -> None:
-    from kafka import KafkaProducer
-
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=50, batch_size=1 << 20,
-                             max_request_size=16 << 20)
-    send = producer.send
-    for i in range(len(values)):
-        send(topic, key=keys[i], value=values[i], partition=partition,
-             timestamp_ms=None if timestamps is None else timestamps[i])
-    producer.flush(timeout=600)
-    producer.close()
-
-
 def produce_log(table: pa.Table, bootstrap: str, topic: str, partitions: int) -> float:
-    """Produce a recorded log into `topic`, one process per partition; returns events/s."""
+    """Produce a recorded log into `topic` (each record to its recorded partition, with its
+    recorded timestamp) with confluent-kafka; returns events/s. Raises if any delivery failed."""
+    from confluent_kafka import Producer
+
     from infra.kafka.broker import TopicSpec, ensure_topics
 
     ensure_topics(bootstrap, (TopicSpec(name=topic, partitions=partitions),))
-    part = table.column("partition").to_numpy()
-    procs = []
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 50, "batch.size": 1 << 20,
+                         "queue.buffering.max.messages": 1_000_000, "acks": 1})
+    failed: list = []
+
+    def delivered(err, msg) -> None:
+        if err is not None:
+            failed.append(err)
+
+    part = table.column("partition").to_pylist()
+    keys, values = table.column("key").to_pylist(), table.column("value").to_pylist()
+    stamps = table.column("timestamp_ms").to_pylist()
     t0 = time.monotonic()
-    for p in range(partitions):
-        rows = pa.array(np.flatnonzero(part == p))
-        sub = table.take(rows)
-        args = (bootstrap, topic, p, sub.column("key").to_pylist(), sub.column("value").to_pylist(),
-                sub.column("timestamp_ms").to_pylist())
-        proc = mp.get_context("spawn").Process(target=_produce_partition, args=args)
-        proc.start()
-        procs.append(proc)
-    for proc in procs:
-        proc.join()
-        if proc.exitcode != 0:
-            raise RuntimeError(f"a producer process exited with {proc.exitcode}")
+    for i in range(table.num_rows):
+        while True:
+            try:
+                producer.produce(topic, value=values[i], key=keys[i], partition=part[i], timestamp=stamps[i],
+                                 on_delivery=delivered)
+                break
+            except BufferError:  # the local queue is full: let deliveries drain
+                producer.poll(0.1)
+        if i % 50_000 == 0:
+            producer.poll(0)
+    left = producer.flush(600)
+    if left or failed:
+        raise RuntimeError(f"producing {topic}: {left} records undelivered, {len(failed)} failed ({failed[:1]})")
     rate = table.num_rows / (time.monotonic() - t0)
     log.info("produced %d events into %s at %.0f events/s", table.num_rows, topic, rate)
     return rate
@@ -255,7 +254,8 @@ def bench_throughput(args, bootstrap: str, work: Path, redis: RedisServer | None
                      online_store=store, **info, batches=summary.batches, max_batch_events=args.max_batch_events,
                      active_seconds=round(summary.active_seconds, 2), users_written=summary.users_written,
                      stage_seconds=summary.stage_seconds, produce_events_per_s=round(produce_rate), target=50_000,
-                     reader=cfg.kafka.reader, feast_bulk_io=cfg.feast.bulk_io,
+                     reader=cfg.kafka.reader, feast_bulk_io=cfg.feast.bulk_io, read_ahead=cfg.read_ahead,
+                     read_ahead_batches=summary.read_ahead_batches,
                      **load)
         finally:
             admin = KafkaAdminClient(bootstrap_servers=bootstrap)
@@ -300,6 +300,7 @@ def bench_freshness(args, bootstrap: str, work: Path, redis: RedisServer | None)
                            achieved_rate=round(sent["events"] / sent["seconds"], 1), events=sent["events"],
                            applied=s.valid_events, interval_s=args.freshness_interval, batches=s.batches,
                            stage_seconds=s.stage_seconds, target_p99_s=2.0, reader=cfg.kafka.reader,
+                           read_ahead=cfg.read_ahead, read_ahead_batches=s.read_ahead_batches,
                            feast_bulk_io=cfg.feast.bulk_io, users=args.freshness_users, **load)
             emit("stream_freshness_p50_s", s.freshness_p50_s, "s", **context)
             emit("stream_freshness_p99_s", s.freshness_p99_s, "s", **context)

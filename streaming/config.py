@@ -132,6 +132,9 @@ class StreamJobConfig:
       (None: `.state/streaming/<group_id>/`).
     stop_when_idle: exit once every partition's end (at the time of the check) is applied and
       committed; for replays and tests. max_batches: exit after this many micro-batches.
+    read_ahead: once a batch's records are in hand, read the next range (to the partitions'
+      ends then) in a background thread while this batch is applied (streaming/pipeline.py);
+      while reads keep finding events the loop does not wait `interval_s` between batches.
     """
 
     source: str = "kafka://127.0.0.1:9092/engagements"
@@ -148,6 +151,7 @@ class StreamJobConfig:
     max_future_skew_ms: int | None = 300_000
     stop_when_idle: bool = False
     max_batches: int | None = None
+    read_ahead: bool = True
     progress_every_s: float = 5.0
     retry_backoff_s: float = 1.0
     max_consecutive_failures: int = 120

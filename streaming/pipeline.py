@@ -5,7 +5,9 @@ One iteration:
 1. plan a bounded range from the job's position to each partition's current end, capped at
    `max_batch_events` (streaming/sources.py); wait first if the training feed is full;
 2. read and decode it with Ray Data: one read task per partition, which decodes its block
-   (`decode_block`) before handing it over;
+   (`decode_block`) before handing it over. As soon as the batch is in hand, the range after it
+   (to the partitions' ends at that moment) is read ahead in a background thread, so its Ray Data
+   execution overlaps steps 3-7 of this batch (`read_ahead`);
 3. split valid events from dead letters and order the events by (user, ts_ms, offset);
 4. read the touched users' sequences from Feast in one batched call, apply the events
    (watermarks skip what was applied before), write the changed sequences in one batched call;
@@ -36,6 +38,7 @@ import signal
 import sqlite3
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -123,6 +126,7 @@ class JobSummary:
     users_written: int = 0
     offline_rows: int = 0
     examples: int = 0
+    read_ahead_batches: int = 0  # batches whose records were read while the previous one was applied
     retries: int = 0
     seconds: float = 0.0
     active_seconds: float = 0.0  # from the start of the first batch to the end of the last
@@ -198,6 +202,7 @@ class StreamJob:
         self._freshness: list[np.ndarray] = []
         self._first_batch_at: float | None = None
         self.metrics: JobMetrics | None = None
+        self._read_ahead: _ReadAhead | None = None
 
     # --- control --------------------------------------------------------------------------------
     def stop(self, reason: str = "stop()") -> None:
@@ -285,10 +290,14 @@ class StreamJob:
             self.position = self._with_retries("reading committed offsets", self._start_position)
             self.frontier = CommitFrontier(self.position, needs_ack=self.feed is not None)
             self.summary.committed = dict(self.position)
+            if self.config.read_ahead:
+                self._read_ahead = _ReadAhead()
             self._loop()
         except _Stopped:
             pass
         finally:
+            if self._read_ahead is not None:
+                self._read_ahead.close()  # no Ray Data execution may outlive the job
             self.summary.seconds = time.monotonic() - t_start
             if self._freshness:
                 fresh = np.concatenate(self._freshness)
@@ -310,7 +319,8 @@ class StreamJob:
                 break
             ends = self._with_retries("reading end offsets", self.source.end_offsets)
             self.metrics.lag(sum(max(0, ends[p] - self.position.get(p, 0)) for p in ends))
-            rng = plan_range(self.position, ends, max_events=cfg.max_batch_events)
+            ahead = self._read_ahead.take(self.position) if self._read_ahead is not None else None
+            rng = ahead[0] if ahead is not None else plan_range(self.position, ends, max_events=cfg.max_batch_events)
             if rng is None:
                 self._with_retries("commit", self._commit)
                 if cfg.stop_when_idle and self.frontier.pending == 0 and self.frontier.committable() is None:
@@ -320,14 +330,17 @@ class StreamJob:
                 self._stop.wait(cfg.interval_s)
                 continue
             batch_id += 1
-            self._with_retries(f"batch {batch_id} ({rng.describe()})", lambda: self._process(batch_id, rng))
+            # The read ahead serves the first attempt only: a retry reads the range again.
+            first_read = [ahead[1]] if ahead is not None else []
+            self._with_retries(f"batch {batch_id} ({rng.describe()})",
+                               lambda: self._process(batch_id, rng, first_read.pop() if first_read else None))
             self.position = dict(rng.end)
             self._with_retries("commit", self._commit)
             self.progress.maybe_print(self._progress_fields(ends))
             if cfg.max_batches is not None and batch_id >= cfg.max_batches:
                 self.stop("max_batches")
-            elif rng.num_offsets < cfg.max_batch_events:
-                self._stop.wait(cfg.interval_s)  # caught up: wait for the next interval
+            elif rng.num_offsets < cfg.max_batch_events and not (self._read_ahead and self._read_ahead.pending):
+                self._stop.wait(cfg.interval_s)  # caught up, nothing read ahead: wait for the next interval
         if self.frontier.pending or self.frontier.committable():
             self._with_retries("commit", self._commit)
 
@@ -345,17 +358,37 @@ class StreamJob:
                 log.info("training feed full (%s): waiting, Kafka holds the rest", self.feed.stats())
         return False
 
-    def _process(self, batch_id: int, rng: BatchRange) -> None:
+    def _dataset(self, rng: BatchRange):
+        """The batch as a (lazy) Ray Dataset of decoded blocks; built on the job's thread."""
+        return self.source.read(rng, functools.partial(decode_block, actions=self.config.actions, decode=self.decode))
+
+    def _start_read_ahead(self, rng: BatchRange) -> None:
+        """Start reading the range after `rng`, up to the partitions' current ends."""
+        try:
+            ends = self.source.end_offsets()
+        except _retryable() as exc:  # no read-ahead this time; the loop asks again and retries
+            log.debug("no read-ahead: end offsets failed: %r", exc)
+            return
+        nxt = plan_range(rng.end, ends, max_events=self.config.max_batch_events)
+        if nxt is not None:
+            self._read_ahead.start(nxt, self._dataset(nxt))
+
+    def _process(self, batch_id: int, rng: BatchRange, read_ahead: Future | None = None) -> None:
+        """Apply one micro-batch. read_ahead: its records, already being read in the background."""
         cfg, s = self.config, self.summary
         timer = _Stages(s.stage_seconds)
         t0 = time.monotonic()
         if self._first_batch_at is None:
             self._first_batch_at = t0
 
-        ds = self.source.read(rng, functools.partial(decode_block, actions=cfg.actions, decode=self.decode))
-        decoded = collect(ds, DECODED_SCHEMA)
+        # read_decode: the time this loop waits for the records (less than the read itself when
+        # the read ran ahead, overlapping the previous batch).
+        decoded = read_ahead.result() if read_ahead is not None else collect(self._dataset(rng), DECODED_SCHEMA)
+        s.read_ahead_batches += read_ahead is not None
         self.source.check_complete(rng, decoded)
         timer.lap("read_decode")
+        if self._read_ahead is not None:
+            self._start_read_ahead(rng)
         self._crash.point("after_read")
 
         valid, letters = split_decoded(decoded)
@@ -455,6 +488,52 @@ class StreamJob:
                 log.warning("closing the training feed: %r", exc)
         if getattr(self, "store", None) is not None:
             self.store.close()
+
+
+class _ReadAhead:
+    """One micro-batch read running in a background thread (Ray Data executes it there; the
+    Dataset itself is built on the job's thread, where the sources keep their state)."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
+        self._pending: tuple[BatchRange, Future] | None = None
+
+    def start(self, rng: BatchRange, ds) -> None:
+        if self._pending is not None and self._pending[0] == rng:
+            return  # a retried batch asks again for the read it already started
+        self.discard()
+        self._pending = (rng, self._pool.submit(collect, ds, DECODED_SCHEMA))
+
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
+
+    def take(self, position: Offsets) -> tuple[BatchRange, Future] | None:
+        """The read that starts at `position`, if one was started; any other is dropped."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        if pending[0].start == position:
+            return pending
+        _settle(pending[1])
+        return None
+
+    def discard(self) -> None:
+        if self._pending is not None:
+            _settle(self._pending[1])
+            self._pending = None
+
+    def close(self) -> None:
+        self.discard()
+        self._pool.shutdown(wait=True)
+
+
+def _settle(future: Future) -> None:
+    """Wait for a read nobody will use; its error (if any) no longer matters."""
+    try:
+        future.result()
+    except Exception as exc:
+        log.debug("a discarded read-ahead failed: %r", exc)
 
 
 class _Stopped(Exception):

@@ -174,6 +174,8 @@ def test_ml100k_through_kafka_matches_pandas(kafka_bootstrap, new_topic, ray_add
     assert summary.stopped_by == "idle"
     assert (summary.records, summary.valid_events, summary.invalid_events) == (100_000, 100_000, 0)
     assert summary.batches >= 4 and summary.skipped_events == 0
+    # Every batch after the first was behind a full one, so it was read ahead (and applied right).
+    assert summary.read_ahead_batches == summary.batches - 1
     ends = frame.groupby("partition")["offset"].max() + 1
     assert summary.committed == {int(p): int(o) for p, o in ends.items()}
     assert committed_offsets(kafka_bootstrap, topic, cfg.group_id, 4) == summary.committed
@@ -189,8 +191,10 @@ def test_ml100k_through_kafka_matches_pandas(kafka_bootstrap, new_topic, ray_add
     # A second job with a fresh consumer group reads everything again: the watermarks and the
     # offline store's file names make that replay change nothing.
     again = StreamJob(job_config(f"kafka://{kafka_bootstrap}/{topic}", tmp_path, f"max_len={max_len}",
-                                 "max_batch_events=50000", f"dlq_topic={dlq}", f"group_id=g2-{tmp_path.name}")).run()
+                                 "max_batch_events=50000", f"dlq_topic={dlq}", f"group_id=g2-{tmp_path.name}",
+                                 "read_ahead=false")).run()
     assert (again.skipped_events, again.applied_events, again.users_written, again.offline_rows) == (100_000, 0, 0, 0)
+    assert again.batches >= 2 and again.read_ahead_batches == 0
     assert_same(read_store(tmp_path / "feast", max_len, users), want, "after a full replay")
 
 
