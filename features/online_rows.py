@@ -303,7 +303,8 @@ class RedisRows:
 
     Every user is one native command (HSET of the event-time field and the five features, or
     HMGET of the five features), packed from a per-call template with one `%` per user and sent
-    pipelined, `_REDIS_CHUNK` users per round trip, on a `RedisPipe` (features/redis_pipe.py).
+    pipelined (`_REDIS_CHUNK` users per round trip for writes, the caller's chunk for reads) on a
+    `RedisPipe` (features/redis_pipe.py).
     redis-py's pipeline packs each command in Python (~44 us per user written), and the Lua
     scripts that looped over the keys server-side before cost the single-threaded server 2-3x
     the CPU of native commands (~10 vs ~4 us per user).

@@ -25,6 +25,14 @@ class RedisReplyError(RuntimeError):
     """A command of a pipelined round trip got an error reply (all its replies were read)."""
 
 
+class RedisBusyError(RedisReplyError, ConnectionError):
+    """Error replies that say "not now" (a server loading its data after a restart, a failover):
+    a ConnectionError, so callers that retry connection failures retry these too."""
+
+
+_TRANSIENT = ("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN")
+
+
 def resp_bulk(value: bytes) -> bytes:
     """One RESP bulk string."""
     return b"$%d\r\n%b\r\n" % (len(value), value)
@@ -54,8 +62,10 @@ class RedisPipe:
     def round_trip(self, payload: bytes, num_replies: int) -> list:
         """Send `payload` (pipelined commands in RESP) and return its `num_replies` replies in
         order. Raises RedisReplyError, after reading every reply, when any is an error; on a
-        connection failure (ConnectionError, TimeoutError) the socket is dropped, so the next
-        call starts on a fresh connection rather than on a reply stream out of step."""
+        connection failure the socket is dropped and a ConnectionError (or TimeoutError) raised,
+        so the next call starts on a fresh connection rather than on a reply stream out of step.
+        Error replies that mean "not now" (LOADING, BUSY, ...) raise RedisBusyError, also a
+        ConnectionError."""
         import hiredis
 
         try:
@@ -72,14 +82,21 @@ class RedisPipe:
                     reader.feed(view[start:start + _FEED])
                     while (reply := reader.gets()) is not False:
                         replies.append(reply)
-            if len(replies) > num_replies:
-                raise ConnectionError(f"{len(replies)} replies to {num_replies} commands: out of step")
+            if len(replies) > num_replies or reader.has_data():
+                raise ConnectionError(f"more than {num_replies} replies to {num_replies} commands: out of step")
+        except (ConnectionError, TimeoutError):
+            self.close()
+            raise
+        except OSError as exc:  # unreachable host, name lookup, ...: a connection failure too
+            self.close()
+            raise ConnectionError(f"redis at {self.address[0]}:{self.address[1]}: {exc}") from exc
         except BaseException:
             self.close()
             raise
         errors = [r for r in replies if isinstance(r, hiredis.ReplyError)]
         if errors:
-            raise RedisReplyError(f"{len(errors)} of {num_replies} commands failed; the first: {errors[0]}")
+            kind = RedisBusyError if str(errors[0]).startswith(_TRANSIENT) else RedisReplyError
+            raise kind(f"{len(errors)} of {num_replies} commands failed; the first: {errors[0]}")
         return replies
 
     def close(self) -> None:

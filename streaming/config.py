@@ -132,9 +132,9 @@ class StreamJobConfig:
       (None: `.state/streaming/<group_id>/`).
     stop_when_idle: exit once every partition's end (at the time of the check) is applied and
       committed; for replays and tests. max_batches: exit after this many micro-batches.
-    read_ahead: once a batch's records are in hand, read the next range (to the partitions'
-      ends then) in a background thread while this batch is applied (streaming/pipeline.py);
-      while reads keep finding events the loop does not wait `interval_s` between batches.
+    read_ahead: while behind (a batch capped at max_batch_events), read the next range (to the
+      partitions' ends then) in a background thread while this batch is applied
+      (streaming/pipeline.py). Caught up, batches keep their `interval_s` pacing.
     """
 
     source: str = "kafka://127.0.0.1:9092/engagements"

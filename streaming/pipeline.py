@@ -5,9 +5,10 @@ One iteration:
 1. plan a bounded range from the job's position to each partition's current end, capped at
    `max_batch_events` (streaming/sources.py); wait first if the training feed is full;
 2. read and decode it with Ray Data: one read task per partition, which decodes its block
-   (`decode_block`) before handing it over. As soon as the batch is in hand, the range after it
-   (to the partitions' ends at that moment) is read ahead in a background thread, so its Ray Data
-   execution overlaps steps 3-7 of this batch (`read_ahead`);
+   (`decode_block`) before handing it over. While the job is behind (this batch was capped at
+   `max_batch_events`), the range after it (to the partitions' ends at that moment) is read ahead
+   in a background thread as soon as this batch is in hand, so its Ray Data execution overlaps
+   steps 3-7 of this batch (`read_ahead`);
 3. split valid events from dead letters and order the events by (user, ts_ms, offset);
 4. read the touched users' sequences from Feast in one batched call, apply the events
    (watermarks skip what was applied before), write the changed sequences in one batched call;
@@ -291,7 +292,7 @@ class StreamJob:
             self.frontier = CommitFrontier(self.position, needs_ack=self.feed is not None)
             self.summary.committed = dict(self.position)
             if self.config.read_ahead:
-                self._read_ahead = _ReadAhead()
+                self._read_ahead = _ReadAhead(settle_timeout_s=self.config.kafka.read_timeout_s + 30)
             self._loop()
         except _Stopped:
             pass
@@ -339,8 +340,8 @@ class StreamJob:
             self.progress.maybe_print(self._progress_fields(ends))
             if cfg.max_batches is not None and batch_id >= cfg.max_batches:
                 self.stop("max_batches")
-            elif rng.num_offsets < cfg.max_batch_events and not (self._read_ahead and self._read_ahead.pending):
-                self._stop.wait(cfg.interval_s)  # caught up, nothing read ahead: wait for the next interval
+            elif rng.num_offsets < cfg.max_batch_events:
+                self._stop.wait(cfg.interval_s)  # caught up: wait for the next interval
         if self.frontier.pending or self.frontier.committable():
             self._with_retries("commit", self._commit)
 
@@ -363,15 +364,14 @@ class StreamJob:
         return self.source.read(rng, functools.partial(decode_block, actions=self.config.actions, decode=self.decode))
 
     def _start_read_ahead(self, rng: BatchRange) -> None:
-        """Start reading the range after `rng`, up to the partitions' current ends."""
+        """Start reading the range after `rng`, up to the partitions' current ends. A failure
+        here only means no read-ahead: the loop plans and reads that range itself."""
         try:
-            ends = self.source.end_offsets()
-        except _retryable() as exc:  # no read-ahead this time; the loop asks again and retries
-            log.debug("no read-ahead: end offsets failed: %r", exc)
-            return
-        nxt = plan_range(rng.end, ends, max_events=self.config.max_batch_events)
-        if nxt is not None:
-            self._read_ahead.start(nxt, self._dataset(nxt))
+            nxt = plan_range(rng.end, self.source.end_offsets(), max_events=self.config.max_batch_events)
+            if nxt is not None:
+                self._read_ahead.start(nxt, lambda: self._dataset(nxt))
+        except _retryable() as exc:
+            log.debug("no read-ahead after %s: %r", rng.describe(), exc)
 
     def _process(self, batch_id: int, rng: BatchRange, read_ahead: Future | None = None) -> None:
         """Apply one micro-batch. read_ahead: its records, already being read in the background."""
@@ -387,8 +387,8 @@ class StreamJob:
         s.read_ahead_batches += read_ahead is not None
         self.source.check_complete(rng, decoded)
         timer.lap("read_decode")
-        if self._read_ahead is not None:
-            self._start_read_ahead(rng)
+        if self._read_ahead is not None and rng.num_offsets >= cfg.max_batch_events:
+            self._start_read_ahead(rng)  # behind: read the next batch meanwhile
         self._crash.point("after_read")
 
         valid, letters = split_decoded(decoded)
@@ -494,19 +494,17 @@ class _ReadAhead:
     """One micro-batch read running in a background thread (Ray Data executes it there; the
     Dataset itself is built on the job's thread, where the sources keep their state)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, settle_timeout_s: float = 60.0) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
         self._pending: tuple[BatchRange, Future] | None = None
+        self.settle_timeout_s = settle_timeout_s
 
-    def start(self, rng: BatchRange, ds) -> None:
+    def start(self, rng: BatchRange, build) -> None:
+        """Read `rng`: `build()` returns its Dataset (called here, on the job's thread)."""
         if self._pending is not None and self._pending[0] == rng:
             return  # a retried batch asks again for the read it already started
         self.discard()
-        self._pending = (rng, self._pool.submit(collect, ds, DECODED_SCHEMA))
-
-    @property
-    def pending(self) -> bool:
-        return self._pending is not None
+        self._pending = (rng, self._pool.submit(collect, build(), DECODED_SCHEMA))
 
     def take(self, position: Offsets) -> tuple[BatchRange, Future] | None:
         """The read that starts at `position`, if one was started; any other is dropped."""
@@ -515,25 +513,28 @@ class _ReadAhead:
             return None
         if pending[0].start == position:
             return pending
-        _settle(pending[1])
+        _settle(pending[1], self.settle_timeout_s)
         return None
 
     def discard(self) -> None:
         if self._pending is not None:
-            _settle(self._pending[1])
+            _settle(self._pending[1], self.settle_timeout_s)
             self._pending = None
 
     def close(self) -> None:
-        self.discard()
-        self._pool.shutdown(wait=True)
+        """Wait (bounded) for a read in flight, then stop the thread."""
+        try:
+            self.discard()
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _settle(future: Future) -> None:
-    """Wait for a read nobody will use; its error (if any) no longer matters."""
+def _settle(future: Future, timeout_s: float) -> None:
+    """Wait, at most `timeout_s`, for a read nobody will use; its error no longer matters."""
     try:
-        future.result()
-    except Exception as exc:
-        log.debug("a discarded read-ahead failed: %r", exc)
+        future.result(timeout=timeout_s)
+    except Exception as exc:  # its own failure, or still running after the timeout
+        log.debug("a discarded read-ahead did not finish cleanly: %r", exc)
 
 
 class _Stopped(Exception):

@@ -159,3 +159,46 @@ def test_redis_hashes_are_byte_identical_and_each_path_reads_the_other(tmp_path,
     online = slow.feature_store.get_online_features(
         features=[f"{USER_SEQUENCE}:timestamps"], entity_rows=[{USER_ID: INT64_MAX}]).to_dict()
     assert online["timestamps"] == [[-1]]
+
+
+class _RecordingPipe:
+    """Stands in for features.redis_pipe.RedisPipe: keeps the payloads, answers like Redis would."""
+
+    def __init__(self) -> None:
+        self.payloads: list[bytes] = []
+
+    def round_trip(self, payload: bytes, num_replies: int) -> list:
+        self.payloads.append(payload)
+        if payload.startswith(b"*7\r\n$5\r\nHMGET"):
+            return [[None] * 5] * num_replies
+        return [6] * num_replies
+
+
+def test_redis_templates_escape_percent_signs_in_fields_keys_and_timestamps():
+    """Field names are hash bytes and the timestamp is protobuf bytes: either may hold b'%'.
+    The packed commands must be exactly what resp_command builds from the raw arguments."""
+    from features.redis_pipe import resp_command
+
+    def field(name: str) -> bytes:
+        return b"%d%b%%\r\n" + name.encode()
+
+    def serialize_one(user_id: int) -> bytes:
+        return b"K%s" + int(user_id).to_bytes(8, "little", signed=True)
+
+    pipe = _RecordingPipe()
+    rows = online_rows.RedisRows(pipe, "pr%oj", "view%s", serialize_one, field, lambda now: b"ts%d%%")
+    batch = synthetic_batch(num_users=3, seq_len=4)
+    rows.write(batch, datetime.now(timezone.utc))
+    keys = [serialize_one(u) + b"pr%oj" for u in batch.user_ids.tolist()]
+    encoded = online_rows.encode_values(batch)
+    names = rows.names
+    want = b"".join(
+        resp_command([b"HSET", k, b"_ts:view%s", b"ts%d%%",
+                      *[x for n in names for x in (field(f"view%s:{n}"), encoded[n][i])]])
+        for i, k in enumerate(keys))
+    assert pipe.payloads == [want]
+
+    read = rows.read(batch.user_ids)
+    assert pipe.payloads[1] == b"".join(resp_command([b"HMGET", k, *[field(f"view%s:{n}") for n in names]])
+                                        for k in keys)
+    assert len(read) == 3 and read.lengths.tolist() == [0, 0, 0]  # no stored rows: empty sequences

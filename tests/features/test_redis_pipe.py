@@ -4,10 +4,13 @@ connection that is reopened."""
 
 from __future__ import annotations
 
+import socket
+import threading
+
 import redis
 import pytest
 
-from features.redis_pipe import RedisPipe, RedisReplyError, resp_bulk, resp_command
+from features.redis_pipe import RedisBusyError, RedisPipe, RedisReplyError, resp_bulk, resp_command
 from tests.features.test_sequences import redis_address  # noqa: F401  (fixture)
 
 
@@ -52,6 +55,37 @@ def test_a_dropped_connection_raises_then_reconnects(redis_address):
     host, _, port = redis_address.rpartition(":")
     admin = redis.Redis(host=host, port=int(port))
     admin.client_kill_filter(_type="normal", skipme=True)
-    with pytest.raises((ConnectionError, OSError)):
+    with pytest.raises(ConnectionError):  # what the streaming job retries
         pipe.round_trip(resp_command([b"PING"]), 1)
     assert pipe.round_trip(resp_command([b"PING"]), 1) == [b"PONG"]  # a fresh connection
+
+
+def test_a_loading_server_is_a_retryable_connection_error():
+    """A restarted Redis answers -LOADING while it reads its data back: the job must retry that
+    (RedisBusyError is a ConnectionError), not fail as it does on a real error reply."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(1 << 16)
+            conn.sendall(b"-LOADING Redis is loading the dataset in memory\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(RedisBusyError, match="LOADING") as exc:
+            RedisPipe("127.0.0.1", port, timeout_s=10).round_trip(resp_command([b"PING"]), 1)
+        assert isinstance(exc.value, ConnectionError)
+    finally:
+        thread.join(timeout=10)
+        server.close()
+
+
+def test_an_unreachable_server_is_a_connection_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    with pytest.raises(ConnectionError):
+        RedisPipe("127.0.0.1", port, timeout_s=5).round_trip(resp_command([b"PING"]), 1)
