@@ -60,7 +60,7 @@ class RedisPipe:
         return self._sock
 
     def round_trip(self, payload: bytes, num_replies: int) -> list:
-        """Send `payload` (pipelined commands in RESP) and return its `num_replies` replies in
+        """Send `payload` (pipelined commands in RESP, any bytes-like object) and return its `num_replies` replies in
         order. Raises RedisReplyError, after reading every reply, when any is an error; on a
         connection failure the socket is dropped and a ConnectionError (or TimeoutError) raised,
         so the next call starts on a fresh connection rather than on a reply stream out of step.

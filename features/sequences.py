@@ -240,6 +240,44 @@ class SequenceBatch:
         })
 
 
+def take_users(batch: SequenceBatch, rows: np.ndarray) -> SequenceBatch:
+    """The sub-batch of users at `rows` (vectorised gather of their jagged slices)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    lengths = batch.lengths[rows]
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    src = np.repeat(batch.offsets[rows] - offsets[:-1], lengths) + np.arange(int(offsets[-1]))
+    return SequenceBatch(
+        user_ids=batch.user_ids[rows],
+        offsets=offsets,
+        item_ids=batch.item_ids[src],
+        actions=batch.actions[src],
+        timestamps=batch.timestamps[src],
+        last_partition=batch.last_partition[rows],
+        last_offset=batch.last_offset[rows],
+    )
+
+
+def concat_batches(batches: Sequence[SequenceBatch]) -> SequenceBatch:
+    """The users of `batches`, one after the other (no check that they are distinct)."""
+    if not batches:
+        return SequenceBatch.from_sequences(user_ids=[], item_ids=[], actions=[], timestamps=[],
+                                            last_partition=[], last_offset=[])
+    if len(batches) == 1:
+        return batches[0]
+    starts = np.cumsum([0] + [int(b.offsets[-1]) for b in batches[:-1]])
+    offsets = np.concatenate([[0]] + [b.offsets[1:] + s for b, s in zip(batches, starts)]).astype(np.int64)
+    return SequenceBatch(
+        user_ids=np.concatenate([b.user_ids for b in batches]),
+        offsets=offsets,
+        item_ids=np.concatenate([b.item_ids for b in batches]),
+        actions=np.concatenate([b.actions for b in batches]),
+        timestamps=np.concatenate([b.timestamps for b in batches]),
+        last_partition=np.concatenate([b.last_partition for b in batches]),
+        last_offset=np.concatenate([b.last_offset for b in batches]),
+    )
+
+
 def _as_int64(values: Sequence[int] | np.ndarray) -> np.ndarray:
     array = np.asarray(values)
     if array.size == 0:

@@ -135,6 +135,10 @@ class StreamJobConfig:
     read_ahead: while behind (a batch capped at max_batch_events), read the next range (to the
       partitions' ends then) in a background thread while this batch is applied
       (streaming/pipeline.py). Caught up, batches keep their `interval_s` pacing.
+    sequence_cache_events: bound (in events, ~24 bytes each) of the in-memory copy of the
+      sequences this job wrote, which serves the Feast read of users it wrote recently
+      (features/sequence_cache.py). Exact while this job is the store's only writer, which the
+      watermarks require anyway; 0 reads every user from Feast.
     """
 
     source: str = "kafka://127.0.0.1:9092/engagements"
@@ -152,6 +156,7 @@ class StreamJobConfig:
     stop_when_idle: bool = False
     max_batches: int | None = None
     read_ahead: bool = True
+    sequence_cache_events: int = 5_000_000
     progress_every_s: float = 5.0
     retry_backoff_s: float = 1.0
     max_consecutive_failures: int = 120
@@ -167,6 +172,8 @@ class StreamJobConfig:
             ("interval_s", self.interval_s, self.interval_s > 0, "> 0"),
             ("max_batch_events", self.max_batch_events, self.max_batch_events >= 1, "at least 1"),
             ("offline_writers", self.offline_writers, self.offline_writers >= 1, "at least 1"),
+            ("sequence_cache_events", self.sequence_cache_events, self.sequence_cache_events >= 0,
+             ">= 0 (0 turns the cache off)"),
             ("max_value_bytes", self.max_value_bytes, self.max_value_bytes >= 2, "at least 2"),
             ("progress_every_s", self.progress_every_s, self.progress_every_s > 0, "> 0"),
             ("retry_backoff_s", self.retry_backoff_s, self.retry_backoff_s >= 0, ">= 0"),

@@ -11,7 +11,9 @@ One iteration:
    steps 3-7 of this batch (`read_ahead`);
 3. split valid events from dead letters and order the events by (user, ts_ms, offset);
 4. read the touched users' sequences from Feast in one batched call, apply the events
-   (watermarks skip what was applied before), write the changed sequences in one batched call;
+   (watermarks skip what was applied before), write the changed sequences in one batched call.
+   Users this job wrote recently are read from its write-through cache instead
+   (features/sequence_cache.py; `sequence_cache_events`), which a failed batch clears;
 5. append the valid events to the offline store, send the dead letters and flush them;
 6. hand the training examples to the feed;
 7. commit the offsets that every sink made durable and every feed consumer acknowledged.
@@ -44,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from features.sequence_cache import SequenceCache
 from features.sequences import SequenceStore, SequenceStoreConfig
 from streaming.config import StreamJobConfig
 from streaming.events import DecodeConfig
@@ -128,6 +131,8 @@ class JobSummary:
     offline_rows: int = 0
     examples: int = 0
     read_ahead_batches: int = 0  # batches whose records were read while the previous one was applied
+    users_read_cached: int = 0  # touched users whose sequence came from the job's write-through cache
+    users_read_feast: int = 0  # touched users read from Feast
     retries: int = 0
     seconds: float = 0.0
     active_seconds: float = 0.0  # from the start of the first batch to the end of the last
@@ -240,6 +245,7 @@ class StreamJob:
             max_len=cfg.max_len, online_store=cfg.feast.online_store, redis_address=cfg.feast.redis_address,
             state_dir=cfg.feast.state_dir, bulk_io=cfg.feast.bulk_io))
         self.store.feature_store  # apply the Feast repository now, not inside the first batch
+        self.cache = SequenceCache(max_events=cfg.sequence_cache_events)
         self.feed = None
         if cfg.feed.consumers:
             from streaming.training_feed import TrainingFeed
@@ -375,6 +381,14 @@ class StreamJob:
 
     def _process(self, batch_id: int, rng: BatchRange, read_ahead: Future | None = None) -> None:
         """Apply one micro-batch. read_ahead: its records, already being read in the background."""
+        try:
+            self._apply_batch(batch_id, rng, read_ahead)
+        except BaseException:
+            # Feast may now be ahead of the cache (a partial write): read from Feast again.
+            self.cache.clear()
+            raise
+
+    def _apply_batch(self, batch_id: int, rng: BatchRange, read_ahead: Future | None) -> None:
         cfg, s = self.config, self.summary
         timer = _Stages(s.stage_seconds)
         t0 = time.monotonic()
@@ -395,7 +409,9 @@ class StreamJob:
         ordered = order_events(valid)
         users = touched_users(ordered)
         timer.lap("order")
-        current = self.store.read_many(users)
+        hits_before = self.cache.hits
+        current = self.cache.read_through(users, self.store.read_many)
+        cached = self.cache.hits - hits_before
         timer.lap("feast_read")
         update = apply_events(current, ordered, max_len=cfg.max_len)
         changed = update.changed_sequences()
@@ -405,6 +421,7 @@ class StreamJob:
             self._crash.kill()
         self.store.write_many(changed)
         written_ms = time.time_ns() // 1_000_000
+        self.cache.put(update.sequences)  # every touched user: written, or unchanged from the read
         timer.lap("feast_write")
         self._crash.point("after_feast_write")
 
@@ -444,6 +461,8 @@ class StreamJob:
         s.skipped_events += update.skipped
         s.partition_moves += update.partition_moves
         s.users_written += len(changed)
+        s.users_read_cached += cached
+        s.users_read_feast += len(users) - cached
         s.offline_rows += offline_rows
         s.examples += examples
         self.metrics.batch(records=decoded.num_rows, valid=valid.num_rows, invalid=letters.num_rows,

@@ -26,7 +26,9 @@ on them). They are always the trailing `num_new` positions, because a batch's ev
 every event of earlier batches of the user's partition.
 
     >>> import numpy as np, pyarrow as pa
-    >>> from features.sequences import SequenceBatch
+    >>> from features.sequences import SequenceBatch, take_users
+
+__all__ = ["EXAMPLE_SCHEMA", "SequenceUpdate", "apply_events", "take_users", "touched_users", "training_examples"]
     >>> cur = SequenceBatch.from_sequences(user_ids=[7], item_ids=[[1, 2]], actions=[[0, 0]],
     ...     timestamps=[[10, 20]], last_partition=[0], last_offset=[5])
     >>> ev = pa.table({"user_id": [7, 7], "item_id": [2, 3], "action": pa.array([0, 1], pa.int8()),
@@ -43,7 +45,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from features.sequences import SequenceBatch
+from features.sequences import SequenceBatch, take_users
+
+__all__ = ["EXAMPLE_SCHEMA", "SequenceUpdate", "apply_events", "take_users", "touched_users",
+           "training_examples"]
+
 
 def touched_users(ordered: pa.Table) -> np.ndarray:
     """The distinct users of ordered events, ascending (the order `apply_events` expects)."""
@@ -147,24 +153,6 @@ def apply_events(current: SequenceBatch, events: pa.Table, *, max_len: int) -> S
         applied=int(keep.sum()),
         skipped=int(seen.sum()),
         partition_moves=int(moved.sum()),
-    )
-
-
-def take_users(batch: SequenceBatch, rows: np.ndarray) -> SequenceBatch:
-    """The sub-batch of users at `rows` (vectorised gather of their jagged slices)."""
-    rows = np.asarray(rows, dtype=np.int64)
-    lengths = batch.lengths[rows]
-    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    src = np.repeat(batch.offsets[rows] - offsets[:-1], lengths) + np.arange(int(offsets[-1]))
-    return SequenceBatch(
-        user_ids=batch.user_ids[rows],
-        offsets=offsets,
-        item_ids=batch.item_ids[src],
-        actions=batch.actions[src],
-        timestamps=batch.timestamps[src],
-        last_partition=batch.last_partition[rows],
-        last_offset=batch.last_offset[rows],
     )
 
 

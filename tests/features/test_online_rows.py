@@ -166,18 +166,25 @@ class _RecordingPipe:
 
     def __init__(self) -> None:
         self.payloads: list[bytes] = []
+        self.replies: list[int] = []
 
     def round_trip(self, payload: bytes, num_replies: int) -> list:
+        payload = bytes(payload)  # writes hand over a memoryview of the Arrow buffer
         self.payloads.append(payload)
+        self.replies.append(num_replies)
         if payload.startswith(b"*7\r\n$5\r\nHMGET"):
             return [[None] * 5] * num_replies
         return [6] * num_replies
 
 
-def test_redis_templates_escape_percent_signs_in_fields_keys_and_timestamps():
-    """Field names are hash bytes and the timestamp is protobuf bytes: either may hold b'%'.
-    The packed commands must be exactly what resp_command builds from the raw arguments."""
+@pytest.mark.parametrize("chunk", [2, 5000])
+def test_redis_commands_are_what_resp_command_builds_even_with_percent_signs(chunk, monkeypatch):
+    """Field names are hash bytes and the timestamp is protobuf bytes: either may hold b'%'
+    (the read template escapes them). The packed commands, split into round trips of `chunk`
+    users, must be exactly what resp_command builds from the raw arguments."""
     from features.redis_pipe import resp_command
+
+    monkeypatch.setattr(online_rows, "_REDIS_CHUNK", chunk)
 
     def field(name: str) -> bytes:
         return b"%d%b%%\r\n" + name.encode()
@@ -187,7 +194,7 @@ def test_redis_templates_escape_percent_signs_in_fields_keys_and_timestamps():
 
     pipe = _RecordingPipe()
     rows = online_rows.RedisRows(pipe, "pr%oj", "view%s", serialize_one, field, lambda now: b"ts%d%%")
-    batch = synthetic_batch(num_users=3, seq_len=4)
+    batch = synthetic_batch(num_users=5, seq_len=4)
     rows.write(batch, datetime.now(timezone.utc))
     keys = [serialize_one(u) + b"pr%oj" for u in batch.user_ids.tolist()]
     encoded = online_rows.encode_values(batch)
@@ -196,9 +203,12 @@ def test_redis_templates_escape_percent_signs_in_fields_keys_and_timestamps():
         resp_command([b"HSET", k, b"_ts:view%s", b"ts%d%%",
                       *[x for n in names for x in (field(f"view%s:{n}"), encoded[n][i])]])
         for i, k in enumerate(keys))
-    assert pipe.payloads == [want]
+    assert b"".join(pipe.payloads) == want
+    assert pipe.replies == ([2, 2, 1] if chunk == 2 else [5])
+    assert all(p.startswith(b"*14\r\n$4\r\nHSET\r\n") for p in pipe.payloads)
 
-    read = rows.read(batch.user_ids)
-    assert pipe.payloads[1] == b"".join(resp_command([b"HMGET", k, *[field(f"view%s:{n}") for n in names]])
+    pipe.payloads.clear()
+    read = rows.read(batch.user_ids, chunk=5000)
+    assert pipe.payloads[0] == b"".join(resp_command([b"HMGET", k, *[field(f"view%s:{n}") for n in names]])
                                         for k in keys)
-    assert len(read) == 3 and read.lengths.tolist() == [0, 0, 0]  # no stored rows: empty sequences
+    assert len(read) == 5 and read.lengths.tolist() == [0] * 5  # no stored rows: empty sequences

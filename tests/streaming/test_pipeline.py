@@ -34,6 +34,7 @@ from infra.paths import REPO_ROOT
 from streaming.config import load_job_config
 from streaming.pipeline import CRASH_POINTS, StreamJob
 from streaming.recorded_log import events_to_log, write_log
+from streaming.sequence_update import take_users
 from streaming.sinks import OfflineStore
 from tests.streaming.test_decode import BAD
 
@@ -176,6 +177,9 @@ def test_ml100k_through_kafka_matches_pandas(kafka_bootstrap, new_topic, ray_add
     assert summary.batches >= 4 and summary.skipped_events == 0
     # Every batch after the first was behind a full one, so it was read ahead (and applied right).
     assert summary.read_ahead_batches == summary.batches - 1
+    # Users come back batch after batch: those were read from the job's write-through cache.
+    assert summary.users_read_cached > 0
+    assert summary.users_read_cached + summary.users_read_feast >= summary.users_written
     ends = frame.groupby("partition")["offset"].max() + 1
     assert summary.committed == {int(p): int(o) for p, o in ends.items()}
     assert committed_offsets(kafka_bootstrap, topic, cfg.group_id, 4) == summary.committed
@@ -192,10 +196,47 @@ def test_ml100k_through_kafka_matches_pandas(kafka_bootstrap, new_topic, ray_add
     # offline store's file names make that replay change nothing.
     again = StreamJob(job_config(f"kafka://{kafka_bootstrap}/{topic}", tmp_path, f"max_len={max_len}",
                                  "max_batch_events=50000", f"dlq_topic={dlq}", f"group_id=g2-{tmp_path.name}",
-                                 "read_ahead=false")).run()
+                                 "read_ahead=false", "sequence_cache_events=0")).run()
     assert (again.skipped_events, again.applied_events, again.users_written, again.offline_rows) == (100_000, 0, 0, 0)
     assert again.batches >= 2 and again.read_ahead_batches == 0
+    assert again.users_read_cached == 0 and again.users_read_feast > 943
     assert_same(read_store(tmp_path / "feast", max_len, users), want, "after a full replay")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_failed_feast_write_clears_the_cache_and_the_retry_is_exact(ray_address, tmp_path, monkeypatch):
+    """A write that fails halfway leaves Feast ahead of the cache: the batch is retried, reading
+    from Feast again, and the final state is still exactly the pandas one."""
+    from features.sequence_cache import SequenceCache
+
+    max_len = 20
+    table, frame = log_frame(movielens(12_000), partitions=2)
+    write_log(table, tmp_path / "ml.parquet", num_partitions=2)
+    calls, clears = {"write": 0}, {"n": 0}
+    real_write, real_clear = SequenceStore.write_many, SequenceCache.clear
+
+    def flaky_write(self, batch):
+        calls["write"] += 1
+        if calls["write"] == 3:  # the third batch: half its users land, then the connection drops
+            real_write(self, take_users(batch, np.arange(len(batch) // 2)))
+            raise ConnectionError("injected: the store went away mid-write")
+        return real_write(self, batch)
+
+    def counting_clear(self):
+        clears["n"] += 1
+        return real_clear(self)
+
+    monkeypatch.setattr(SequenceStore, "write_many", flaky_write)
+    monkeypatch.setattr(SequenceCache, "clear", counting_clear)
+    summary = StreamJob(job_config(f"log://{tmp_path / 'ml.parquet'}", tmp_path, f"max_len={max_len}",
+                                   "max_batch_events=2000", "retry_backoff_s=0")).run()
+    assert summary.stopped_by == "idle" and summary.retries == 1
+    assert clears["n"] == 2  # once at start, once for the failed attempt
+    assert summary.users_read_cached > 0
+    users = np.unique(frame["user_id"].to_numpy())
+    assert_same(read_store(tmp_path / "feast", max_len, users), expected_batch(frame, max_len, users),
+                "after a failed write and its retry")
 
 
 # --- crash recovery -------------------------------------------------------------------------------
