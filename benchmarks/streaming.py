@@ -256,7 +256,8 @@ def bench_throughput(args, bootstrap: str, work: Path, redis: RedisServer | None
                      stage_seconds=summary.stage_seconds, produce_events_per_s=round(produce_rate), target=50_000,
                      reader=cfg.kafka.reader, feast_bulk_io=cfg.feast.bulk_io, read_ahead=cfg.read_ahead,
                      read_ahead_batches=summary.read_ahead_batches,
-                     **load)
+                     sequence_cache_events=cfg.sequence_cache_events, users_read_cached=summary.users_read_cached,
+                     users_read_feast=summary.users_read_feast, **load)
         finally:
             admin = KafkaAdminClient(bootstrap_servers=bootstrap)
             admin.delete_topics([topic])
@@ -301,6 +302,7 @@ def bench_freshness(args, bootstrap: str, work: Path, redis: RedisServer | None)
                            applied=s.valid_events, interval_s=args.freshness_interval, batches=s.batches,
                            stage_seconds=s.stage_seconds, target_p99_s=2.0, reader=cfg.kafka.reader,
                            read_ahead=cfg.read_ahead, read_ahead_batches=s.read_ahead_batches,
+                           sequence_cache_events=cfg.sequence_cache_events, users_read_cached=s.users_read_cached,
                            feast_bulk_io=cfg.feast.bulk_io, users=args.freshness_users, **load)
             emit("stream_freshness_p50_s", s.freshness_p50_s, "s", **context)
             emit("stream_freshness_p99_s", s.freshness_p99_s, "s", **context)
