@@ -421,7 +421,9 @@ class StreamJob:
             self._crash.kill()
         self.store.write_many(changed)
         written_ms = time.time_ns() // 1_000_000
-        self.cache.put(update.sequences)  # every touched user: written, or unchanged from the read
+        # Every touched user: written, or as read (the stored row, cut to max_len if a run with a
+        # larger max_len wrote it, which the next write would cut too).
+        self.cache.put(update.sequences)
         timer.lap("feast_write")
         self._crash.point("after_feast_write")
 

@@ -26,9 +26,7 @@ on them). They are always the trailing `num_new` positions, because a batch's ev
 every event of earlier batches of the user's partition.
 
     >>> import numpy as np, pyarrow as pa
-    >>> from features.sequences import SequenceBatch, take_users
-
-__all__ = ["EXAMPLE_SCHEMA", "SequenceUpdate", "apply_events", "take_users", "touched_users", "training_examples"]
+    >>> from features.sequences import SequenceBatch
     >>> cur = SequenceBatch.from_sequences(user_ids=[7], item_ids=[[1, 2]], actions=[[0, 0]],
     ...     timestamps=[[10, 20]], last_partition=[0], last_offset=[5])
     >>> ev = pa.table({"user_id": [7, 7], "item_id": [2, 3], "action": pa.array([0, 1], pa.int8()),

@@ -179,7 +179,6 @@ def test_ml100k_through_kafka_matches_pandas(kafka_bootstrap, new_topic, ray_add
     assert summary.read_ahead_batches == summary.batches - 1
     # Users come back batch after batch: those were read from the job's write-through cache.
     assert summary.users_read_cached > 0
-    assert summary.users_read_cached + summary.users_read_feast >= summary.users_written
     ends = frame.groupby("partition")["offset"].max() + 1
     assert summary.committed == {int(p): int(o) for p, o in ends.items()}
     assert committed_offsets(kafka_bootstrap, topic, cfg.group_id, 4) == summary.committed
@@ -205,40 +204,71 @@ def test_ml100k_through_kafka_matches_pandas(kafka_bootstrap, new_topic, ray_add
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_failed_feast_write_clears_the_cache_and_the_retry_is_exact(ray_address, tmp_path, monkeypatch):
-    """A write that fails halfway leaves Feast ahead of the cache: the batch is retried, reading
-    from Feast again, and the final state is still exactly the pandas one."""
+@pytest.mark.parametrize("failure", ["mid_feast_write", "offline_append"])
+def test_a_failed_batch_clears_the_cache_and_the_retry_is_exact(failure, ray_address, tmp_path, monkeypatch):
+    """A batch that fails halfway through its Feast write (Feast ahead of the cache), or after
+    the cache took the new sequences (the offline append fails), is retried: the final state and
+    the training examples are exactly those of a run without the failure."""
     from features.sequence_cache import SequenceCache
+    from streaming.training_feed import FeedClosed, FeedConsumer
 
-    max_len = 20
+    max_len = 1000  # no truncation: every event is a training target exactly once
     table, frame = log_frame(movielens(12_000), partitions=2)
     write_log(table, tmp_path / "ml.parquet", num_partitions=2)
-    calls, clears = {"write": 0}, {"n": 0}
-    real_write, real_clear = SequenceStore.write_many, SequenceCache.clear
+    calls, clears = {"n": 0}, {"n": 0}
+    real_write, real_append, real_clear = SequenceStore.write_many, OfflineStore.append, SequenceCache.clear
 
     def flaky_write(self, batch):
-        calls["write"] += 1
-        if calls["write"] == 3:  # the third batch: half its users land, then the connection drops
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third batch: half its users land, then the connection drops
             real_write(self, take_users(batch, np.arange(len(batch) // 2)))
             raise ConnectionError("injected: the store went away mid-write")
         return real_write(self, batch)
+
+    def flaky_append(self, events):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise ConnectionError("injected: the offline store failed after the Feast write")
+        return real_append(self, events)
 
     def counting_clear(self):
         clears["n"] += 1
         return real_clear(self)
 
-    monkeypatch.setattr(SequenceStore, "write_many", flaky_write)
+    if failure == "mid_feast_write":
+        monkeypatch.setattr(SequenceStore, "write_many", flaky_write)
+    else:
+        monkeypatch.setattr(OfflineStore, "append", flaky_append)
     monkeypatch.setattr(SequenceCache, "clear", counting_clear)
-    summary = StreamJob(job_config(f"log://{tmp_path / 'ml.parquet'}", tmp_path, f"max_len={max_len}",
-                                   "max_batch_events=2000", "retry_backoff_s=0")).run()
-    assert summary.stopped_by == "idle" and summary.retries == 1
+    feed_name = f"feed-{failure}"
+    job = StreamJob(job_config(f"log://{tmp_path / 'ml.parquet'}", tmp_path, f"max_len={max_len}",
+                               "max_batch_events=2000", "retry_backoff_s=0", "feed.consumers=[t]",
+                               f"feed.actor_name={feed_name}", "feed.capacity=100"))
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(summary=job.run()), daemon=True)
+    runner.start()
+    consumer = FeedConsumer("t", actor_name=feed_name, namespace="hstu")
+    num_new = []
+    try:
+        while True:  # until the job, idle and fully committed, closes the feed
+            got = consumer.next(timeout_s=2)
+            if got is not None:
+                num_new.append(int(pa.compute.sum(got.examples.column("num_new")).as_py()))
+                consumer.ack(got.batch_id)
+    except FeedClosed:
+        pass
+    runner.join(timeout=60)
+    summary = result["summary"]
+    assert summary.stopped_by == "idle" and summary.retries == 1, summary
     assert clears["n"] == 2  # once at start, once for the failed attempt
     assert summary.users_read_cached > 0
     users = np.unique(frame["user_id"].to_numpy())
     assert_same(read_store(tmp_path / "feast", max_len, users), expected_batch(frame, max_len, users),
-                "after a failed write and its retry")
+                f"after a failure ({failure}) and its retry")
+    assert sum(num_new) == len(frame), "every event must reach the feed as a target exactly once"
 
 
+# --- crash recovery -------------------------------------------------------------------------------
 # --- crash recovery -------------------------------------------------------------------------------
 
 def run_cli(args: list[str], env: dict, timeout_s: float = 300) -> subprocess.CompletedProcess:
