@@ -180,7 +180,7 @@ class _RecordingPipe:
 @pytest.mark.parametrize("chunk", [2, 5000])
 def test_redis_commands_are_what_resp_command_builds_even_with_percent_signs(chunk, monkeypatch):
     """Field names are hash bytes and the timestamp is protobuf bytes: either may hold b'%'
-    (the read template escapes them). The packed commands, split into round trips of `chunk`
+    (the packing must not treat them specially). The packed commands, split into round trips of `chunk`
     users, must be exactly what resp_command builds from the raw arguments."""
     from features.redis_pipe import resp_command
 
