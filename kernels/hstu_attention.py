@@ -41,15 +41,17 @@ def _triton_module():
 def _hstu_attention_triton(
     q: Tensor, k: Tensor, v: Tensor, seq_offsets: Tensor, max_seq_len: int, alpha: float,
     num_targets: Tensor | None, timestamps: Tensor | None, pos_bias: Tensor | None, time_bias: Tensor | None,
-    normalize_by_length: bool,
+    normalize_by_length: bool, query_timestamps: Tensor | None,
 ) -> Tensor:
     return _triton_module().hstu_attention_fwd(
-        q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize_by_length
+        q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize_by_length,
+        query_timestamps,
     )
 
 
 @_hstu_attention_triton.register_fake
-def _(q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize_by_length):
+def _(q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize_by_length,
+      query_timestamps):
     return q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
 
 
@@ -57,17 +59,19 @@ def _(q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bia
 def _hstu_attention_triton_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, seq_offsets: Tensor, max_seq_len: int, alpha: float,
     num_targets: Tensor | None, timestamps: Tensor | None, pos_bias: Tensor | None, time_bias: Tensor | None,
-    normalize_by_length: bool,
+    normalize_by_length: bool, query_timestamps: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, d_pos, d_time = _triton_module().hstu_attention_bwd(
-        dout, q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize_by_length
+        dout, q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize_by_length,
+        query_timestamps,
     )
     # Custom ops return tensors only: an absent table's gradient travels as an empty tensor.
     return dq, dk, dv, (d_pos if d_pos is not None else q.new_empty(0)), (d_time if d_time is not None else q.new_empty(0))
 
 
 @_hstu_attention_triton_bwd.register_fake
-def _(dout, q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize_by_length):
+def _(dout, q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize_by_length,
+      query_timestamps):
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
         torch.empty_like(k, memory_format=torch.contiguous_format),
@@ -78,29 +82,32 @@ def _(dout, q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, p
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize_by_length = inputs
-    ctx.save_for_backward(q, k, v, seq_offsets, num_targets, timestamps, pos_bias, time_bias)
+    (q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize_by_length,
+     query_timestamps) = inputs
+    ctx.save_for_backward(q, k, v, seq_offsets, num_targets, timestamps, pos_bias, time_bias, query_timestamps)
     ctx.max_seq_len, ctx.alpha, ctx.normalize_by_length = max_seq_len, alpha, normalize_by_length
 
 
 def _backward(ctx, dout):
-    q, k, v, seq_offsets, num_targets, timestamps, pos_bias, time_bias = ctx.saved_tensors
+    q, k, v, seq_offsets, num_targets, timestamps, pos_bias, time_bias, query_timestamps = ctx.saved_tensors
     dq, dk, dv, d_pos, d_time = _hstu_attention_triton_bwd(
         dout, q, k, v, seq_offsets, ctx.max_seq_len, ctx.alpha, num_targets, timestamps, pos_bias, time_bias,
-        ctx.normalize_by_length,
+        ctx.normalize_by_length, query_timestamps,
     )
     return (
         dq, dk, dv, None, None, None, None, None,
         d_pos if pos_bias is not None else None,
         d_time if time_bias is not None else None,
-        None,
+        None, None,
     )
 
 
 _hstu_attention_triton.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_inputs(q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias) -> None:
+def _check_inputs(
+    q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, query_timestamps=None
+) -> None:
     """Shape, dtype and device checks: free, no data read."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor) or x.dim() != 3:
@@ -129,6 +136,7 @@ def _check_inputs(q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timesta
         ("seq_offsets", seq_offsets, (batch + 1,), "int"),
         ("num_targets", num_targets, (batch,), "int"),
         ("timestamps", timestamps, (num_tokens,), "int"),
+        ("query_timestamps", query_timestamps, (num_tokens,), "int"),
         ("pos_bias", pos_bias, None, "float"),
         ("time_bias", time_bias, None, "float"),
     )
@@ -148,32 +156,36 @@ def _check_inputs(q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timesta
                 raise KernelInputError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if time_bias is not None and timestamps is None:
         raise KernelInputError("time_bias needs timestamps ([T] int64 seconds); pass timestamps= or drop time_bias")
+    if query_timestamps is not None and timestamps is None:
+        raise KernelInputError("query_timestamps needs timestamps (the keys' times); pass timestamps= too")
 
 
 MAX_TIME_SPAN_S = 2**30 - 1  # the kernel takes time gaps as int32 seconds
 
 
-def _time_span(seq_offsets, timestamps) -> Tensor:
-    """The largest max(ts) - min(ts) within one sequence (0-d tensor, no host copy)."""
+def _time_span(seq_offsets, timestamps, query_timestamps=None) -> Tensor:
+    """The largest max(ts) - min(ts) within one sequence, query times included (0-d tensor, no host copy)."""
     num_tokens, batch = timestamps.numel(), seq_offsets.numel() - 1
     seg = torch.searchsorted(seq_offsets[1:], torch.arange(num_tokens, device=timestamps.device), right=True)
     seg = seg.clamp(max=batch - 1)
     ts = timestamps.to(torch.int64)
+    if query_timestamps is not None:
+        seg, ts = torch.cat([seg, seg]), torch.cat([ts, query_timestamps.to(torch.int64)])
     lo = torch.full((batch,), torch.iinfo(torch.int64).max, device=ts.device).scatter_reduce(0, seg, ts, "amin")
     hi = torch.full((batch,), torch.iinfo(torch.int64).min, device=ts.device).scatter_reduce(0, seg, ts, "amax")
     return (hi - lo).max()
 
 
-def _check_offsets(q, seq_offsets, max_seq_len, num_targets, timestamps) -> None:
+def _check_offsets(q, seq_offsets, max_seq_len, num_targets, timestamps, query_timestamps=None) -> None:
     """Data checks (one device-to-host copy): offsets cover [0, T] in order, lengths fit,
-    and each sequence's timestamps span less than 2^30 s."""
+    and each sequence's timestamps and query times span less than 2^30 s."""
     lengths = seq_offsets[1:] - seq_offsets[:-1]
     checks = [seq_offsets[0] == 0, seq_offsets[-1] == q.shape[0]]
     if lengths.numel() > 0:
         checks += [lengths.min() >= 0, lengths.max() <= max_seq_len]
         checks += [num_targets.min() >= 0, (num_targets <= lengths).all()] if num_targets is not None else [True, True]
         if timestamps is not None and timestamps.numel() > 0:
-            span = _time_span(seq_offsets, timestamps)
+            span = _time_span(seq_offsets, timestamps, query_timestamps)
             checks += [span <= MAX_TIME_SPAN_S, span]
     ok = torch.stack([torch.as_tensor(c, device=q.device).to(torch.int64) for c in checks]).tolist()
     if not (ok[0] and ok[1]):
@@ -201,8 +213,8 @@ def _check_offsets(q, seq_offsets, max_seq_len, num_targets, timestamps) -> None
             )
         if len(ok) > 6 and not ok[6]:
             raise KernelInputError(
-                f"the timestamps of one sequence span {ok[7]} s, more than 2^30 - 1 s (34 years): timestamps are "
-                "seconds; give candidates the request time rather than 0"
+                f"the timestamps (and query times) of one sequence span {ok[7]} s, more than 2^30 - 1 s (34 years): "
+                "timestamps are seconds; give candidates the request time rather than 0"
             )
 
 
@@ -219,6 +231,7 @@ def hstu_attention(
     pos_bias: Tensor | None = None,
     time_bias: Tensor | None = None,
     normalize_by_length: bool = False,
+    query_timestamps: Tensor | None = None,
     impl: str | None = None,
     validate: bool = True,
 ) -> Tensor:
@@ -231,21 +244,28 @@ def hstu_attention(
 
     q, k: [T, H, Dqk]; v: [T, H, Dv]; seq_offsets: [B+1] int64; num_targets: [B] int64 or
     None; timestamps: [T] int64 seconds or None; pos_bias: [H, num_pos_buckets] or None;
-    time_bias: [H, num_time_buckets] or None (needs timestamps).
+    time_bias: [H, num_time_buckets] or None (needs timestamps); query_timestamps: [T] int64
+    seconds or None, the time each row's output is for (its time gaps are
+    query_timestamps[i] - timestamps[j]; default timestamps[i]).
     impl: None/"auto", "triton" or "pytorch" (see `kernels._dispatch`).
     validate: check the offsets, lengths, num_targets and the span of each sequence's
     timestamps (< 2^30 s) against the data (costs one device-to-host copy); shapes, dtypes and
     devices are always checked. With validate=False the caller guarantees them.
     """
-    _check_inputs(q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias)
+    _check_inputs(q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, query_timestamps)
+    if time_bias is None:
+        query_timestamps = None  # no time bias: nothing reads them
     if validate:
-        _check_offsets(q, seq_offsets, max_seq_len, num_targets, timestamps if time_bias is not None else None)
+        _check_offsets(
+            q, seq_offsets, max_seq_len, num_targets, timestamps if time_bias is not None else None, query_timestamps
+        )
     chosen = resolve_impl("hstu_attention", impl, q.device)
     alpha = float(alpha)
     if chosen == "pytorch":
         return pt_hstu_attention(
             q, k, v, seq_offsets, max_seq_len, alpha=alpha, num_targets=num_targets, timestamps=timestamps,
             pos_bias=pos_bias, time_bias=time_bias, normalize_by_length=normalize_by_length,
+            query_timestamps=query_timestamps,
         )
     if max(q.shape[2], v.shape[2]) > MAX_HEAD_DIM:
         raise KernelInputError(
@@ -257,5 +277,6 @@ def hstu_attention(
             f"B={seq_offsets.numel() - 1}; split the batch"
         )
     return _hstu_attention_triton(
-        q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, bool(normalize_by_length)
+        q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, bool(normalize_by_length),
+        query_timestamps,
     )

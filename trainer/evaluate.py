@@ -42,8 +42,9 @@ def evaluate_retrieval(
             users = all_users[start : start + batch_size]
             batch = make_batch(history, users, max_len=max_seq_len)
             rows = model.table.lookup(batch.item_ids).to(device)
+            request = torch.from_numpy(eval_set.target_timestamps[users]).to(device)  # when the target came
             scores = model.retrieval_scores(
-                rows, batch.actions.to(device), batch.timestamps.to(device), batch.offsets
+                rows, batch.actions.to(device), batch.timestamps.to(device), batch.offsets, request
             )  # (B, num_rows)
             targets = model.table.lookup(torch.from_numpy(eval_set.targets[users])).to(device)
             alive = model.table.live_mask().to(device)[targets]

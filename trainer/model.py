@@ -8,8 +8,10 @@ pointwise SiLU and gates the result with a fourth projection U. Each layer compu
     Y          = X + W_o(dropout(LN(A V) * U))
 
 where rab is a learned relative bias over position and time buckets (tables owned here, bucketed
-by the kernel). The model reads from top to bottom: the token layout, `HSTULayer`,
-`HSTUEncoder`, `ModelConfig`, `HSTUModel`, `build_model`.
+by the kernel). A row's time gaps are measured from its query time: its own event's time, or,
+with `query_time="next"`, the time of the event its output retrieves (at serving time, the
+request time), as the paper's code does for public datasets. The model reads from top to
+bottom: the token layout, `HSTULayer`, `HSTUEncoder`, `ModelConfig`, `HSTUModel`, `build_model`.
 
 Token layouts (`ModelConfig.layout`):
 
@@ -73,6 +75,9 @@ class TokenLayout:
 
     offsets: Tensor  # [B+1] token offsets
     item_token: Tensor  # [E] token of each event's item
+    has_next: Tensor  # [E] bool: the event is followed by another of its sequence
+    last_event: Tensor  # [B'] the last event of each non-empty sequence
+    nonempty: Tensor  # [B] bool: the sequence has events (the rows of last_event)
     action_token: Tensor | None  # [E] token of each event's action (interleaved only)
     query_token: Tensor  # [E] token whose output retrieves the event after this one
     candidate_token: Tensor  # [C] token of each candidate
@@ -150,6 +155,9 @@ def build_layout(
     torch.cumsum(tok_len, 0, out=offsets[1:])
     seq_of_event = torch.repeat_interleave(torch.arange(num_seq), ev_len)  # (E,)
     pos_of_event = torch.arange(int(event_offsets[-1])) - event_offsets[seq_of_event]
+    has_next = pos_of_event < (ev_len[seq_of_event] - 1)
+    nonempty = ev_len > 0
+    last_event = event_offsets[1:][nonempty] - 1
     item_token = offsets[seq_of_event] + per_event * pos_of_event
     action_token = item_token + 1 if interleaved else None
     query_token = action_token if interleaved else item_token
@@ -189,6 +197,9 @@ def build_layout(
     return TokenLayout(
         offsets=to(offsets),
         item_token=to(item_token),
+        has_next=to(has_next),
+        last_event=to(last_event),
+        nonempty=to(nonempty),
         action_token=to(action_token),
         query_token=to(query_token),
         candidate_token=to(candidate_token),
@@ -236,7 +247,9 @@ class HSTULayer(nn.Module):
             nn.Parameter(torch.empty(num_heads, num_time_buckets).normal_(0.0, 0.02)) if num_time_buckets else None
         )
 
-    def forward(self, x: Tensor, *, layout: TokenLayout, timestamps: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, *, layout: TokenLayout, timestamps: Tensor, query_timestamps: Tensor | None = None
+    ) -> Tensor:
         num_tokens, dim = x.shape
         h, dqk, dv = self.num_heads, self.qk_dim, self.v_dim
         normed = F.layer_norm(x, (dim,), eps=self.eps)
@@ -246,15 +259,18 @@ class HSTULayer(nn.Module):
         k = k.reshape(num_tokens, h, dqk)
         v = v.reshape(num_tokens, h, dv)
         if not layout.groups:
-            attn = self._attend(q, k, v, timestamps, layout.offsets, layout.max_len, layout.num_candidates)
+            attn = self._attend(
+                q, k, v, timestamps, query_timestamps, layout.offsets, layout.max_len, layout.num_candidates
+            )
         else:
             perm = layout.permutation
             qp, kp, vp, tp = q[perm], k[perm], v[perm], timestamps[perm]  # tokens grouped by length
+            tqp = query_timestamps[perm] if query_timestamps is not None else None
             attn = torch.cat(
                 [
                     self._attend(
                         qp[g.start : g.stop], kp[g.start : g.stop], vp[g.start : g.stop], tp[g.start : g.stop],
-                        g.offsets, g.max_len, g.num_candidates,
+                        tqp[g.start : g.stop] if tqp is not None else None, g.offsets, g.max_len, g.num_candidates,
                     )
                     for g in layout.groups
                 ]
@@ -264,8 +280,17 @@ class HSTULayer(nn.Module):
         return x + self.out(F.dropout(gated, p=self.dropout, training=self.training))
 
     def _attend(
-        self, q: Tensor, k: Tensor, v: Tensor, ts: Tensor, offsets: Tensor, max_len: int, num_targets: Tensor | None
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        ts: Tensor,
+        query_ts: Tensor | None,
+        offsets: Tensor,
+        max_len: int,
+        num_targets: Tensor | None,
     ) -> Tensor:
+        timed = self.time_bias is not None
         out = hstu_attention(
             q,
             k,
@@ -274,7 +299,8 @@ class HSTULayer(nn.Module):
             max_len,
             alpha=self.alpha,
             num_targets=num_targets,
-            timestamps=ts if self.time_bias is not None else None,
+            timestamps=ts if timed else None,
+            query_timestamps=query_ts if timed else None,
             pos_bias=self.pos_bias,
             time_bias=self.time_bias,
             normalize_by_length=self.normalize_by_length,
@@ -293,9 +319,11 @@ class HSTUEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(layers)
 
-    def forward(self, x: Tensor, *, layout: TokenLayout, timestamps: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, *, layout: TokenLayout, timestamps: Tensor, query_timestamps: Tensor | None = None
+    ) -> Tensor:
         for layer in self.layers:
-            x = layer(x, layout=layout, timestamps=timestamps)
+            x = layer(x, layout=layout, timestamps=timestamps, query_timestamps=query_timestamps)
         return x
 
 
@@ -318,6 +346,10 @@ class ModelConfig:
     input_dropout: float = 0.2  # on the input embeddings
     alpha: float = 1.0  # scale of q.k inside the SiLU
     num_time_buckets: int = 64  # 0 disables the time bias
+    # The time each query token's bias is measured from: "token", its own event's time; "next",
+    # the time of the event it retrieves (the request time: known when a recommendation is
+    # asked for; the paper's public-dataset code does this). See `HSTUModel.query_times`.
+    query_time: Literal["token", "next"] = "token"
     position_bias: bool = True
     learned_positions: bool = True  # absolute position embedding added to the input
     action_input: bool = False  # items layout: add the event's action embedding to its item token
@@ -347,6 +379,8 @@ class ModelConfig:
                 raise ValueError(f"model.encoder 'sasrec' supports layout 'items' only, got {self.layout!r}")
             if self.dim % self.num_heads:
                 raise ValueError(f"model.dim ({self.dim}) must be divisible by model.num_heads ({self.num_heads})")
+        if self.query_time not in ("token", "next"):
+            raise ValueError(f"model.query_time must be 'token' or 'next', got {self.query_time!r}")
         if self.action_input and self.layout == "interleaved":
             raise ValueError("model.action_input applies to layout 'items'; the interleaved layout has action tokens")
 
@@ -428,8 +462,13 @@ class HSTUModel(nn.Module):
         *,
         candidate_rows: Tensor | None = None,
         candidate_timestamps: Tensor | None = None,
+        request_timestamps: Tensor | None = None,
     ) -> Tensor:
-        """Per-token output embeddings [Ttok, dim] of events (rows/actions/timestamps: [E])."""
+        """Per-token output embeddings [Ttok, dim] of events (rows/actions/timestamps: [E]).
+
+        request_timestamps [B]: the time each user's recommendation is for, the query time of
+        its last query token under `query_time="next"` (default: its last event's time).
+        """
         item = self.table(rows) * self.input_scale  # (E, D)
         if self.config.action_input:
             item = item + self.action_emb(actions)
@@ -450,7 +489,27 @@ class HSTUModel(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(layout.positions)
         x = F.dropout(x, p=self.config.input_dropout, training=self.training)
-        return self.encoder(x, layout=layout, timestamps=ts)
+        query_ts = None
+        if self.config.query_time == "next" and self.config.encoder == "hstu" and self.config.num_time_buckets:
+            query_ts = self.query_times(timestamps, ts, layout, request_timestamps)
+        return self.encoder(x, layout=layout, timestamps=ts, query_timestamps=query_ts)
+
+    @staticmethod
+    def query_times(
+        timestamps: Tensor, token_timestamps: Tensor, layout: TokenLayout, request_timestamps: Tensor | None = None
+    ) -> Tensor:
+        """Per-token query times [Ttok] for `query_time="next"`.
+
+        A query token (the one whose output retrieves the next event) takes the next event's
+        time; the last query token of a user takes `request_timestamps` [B] (or its own event's
+        time); every other token (items of the interleaved layout, candidates) keeps its own.
+        """
+        nxt = torch.cat([timestamps[1:], timestamps[-1:]])  # event e + 1 (the same sequence where has_next)
+        per_event = torch.where(layout.has_next, nxt, timestamps)  # (E,)
+        if request_timestamps is not None:
+            request = request_timestamps.to(per_event.device, per_event.dtype)[layout.nonempty]
+            per_event = per_event.index_put((layout.last_event,), request)
+        return token_timestamps.index_put((layout.query_token,), per_event)
 
     def forward(self, rows: Tensor, actions: Tensor, timestamps: Tensor, layout: TokenLayout) -> Tensor:
         return self.encode(rows, actions, timestamps, layout)
@@ -475,10 +534,15 @@ class HSTUModel(nn.Module):
         rows = self.table.lookup(item_ids).to(self.device)
         return rows, actions.to(self.device), timestamps.to(self.device), offsets
 
-    def user_embeddings(self, rows: Tensor, actions: Tensor, timestamps: Tensor, offsets: Tensor) -> Tensor:
-        """The retrieval query of each user (after its last event), L2-normalised: [B, dim]."""
+    def user_embeddings(
+        self, rows: Tensor, actions: Tensor, timestamps: Tensor, offsets: Tensor, request_timestamps: Tensor | None = None
+    ) -> Tensor:
+        """The retrieval query of each user (after its last event), L2-normalised: [B, dim].
+
+        request_timestamps [B]: when each recommendation is for (see `encode`).
+        """
         layout = self.layout(offsets)
-        out = self.encode(rows, actions, timestamps, layout)
+        out = self.encode(rows, actions, timestamps, layout, request_timestamps=request_timestamps)
         last = layout.query_token[offsets[1:].to(layout.query_token.device) - 1]
         return F.normalize(out[last], dim=-1)
 
@@ -487,9 +551,12 @@ class HSTUModel(nn.Module):
         weight = self.table.weight if rows is None else self.table(rows)
         return F.normalize(weight, dim=-1)
 
-    def retrieval_scores(self, rows: Tensor, actions: Tensor, timestamps: Tensor, offsets: Tensor) -> Tensor:
+    def retrieval_scores(
+        self, rows: Tensor, actions: Tensor, timestamps: Tensor, offsets: Tensor, request_timestamps: Tensor | None = None
+    ) -> Tensor:
         """Cosine scores [B, num_rows] of every table row; padding, OOV and free rows get -inf."""
-        scores = self.user_embeddings(rows, actions, timestamps, offsets) @ self.item_embeddings().T
+        user = self.user_embeddings(rows, actions, timestamps, offsets, request_timestamps)
+        scores = user @ self.item_embeddings().T
         return scores.masked_fill(~self.table.live_mask().to(scores.device), -math.inf)
 
     @torch.no_grad()
@@ -502,10 +569,19 @@ class HSTUModel(nn.Module):
         k: int,
         offsets: Tensor | None = None,
         exclude_seen: bool = True,
+        request_timestamps: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Top-k raw item ids [B, k] (and their scores) over all live rows, for jagged histories."""
+        """Top-k raw item ids [B, k] (and their scores) over all live rows, for jagged histories.
+
+        request_timestamps [B] (seconds): when the recommendations are for; default each
+        user's last event (matters under `query_time="next"`).
+        """
         rows, acts, ts, offsets = self._prepare(item_ids, actions, timestamps, offsets)
-        scores = self.retrieval_scores(rows, acts, ts, offsets)
+        if request_timestamps is not None and request_timestamps.numel() != offsets.numel() - 1:
+            raise ModelInputError(
+                f"request_timestamps has {request_timestamps.numel()} entries for {offsets.numel() - 1} users"
+            )
+        scores = self.retrieval_scores(rows, acts, ts, offsets, request_timestamps)
         if exclude_seen:
             lengths = offsets[1:] - offsets[:-1]
             users = torch.repeat_interleave(torch.arange(lengths.numel()), lengths).to(scores.device)

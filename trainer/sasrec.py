@@ -61,8 +61,10 @@ class SASRecEncoder(nn.Module):
         )
         self.final_norm = nn.LayerNorm(dim, eps=1e-6)
 
-    def forward(self, x: Tensor, *, layout: TokenLayout, timestamps: Tensor) -> Tensor:
-        del timestamps  # SASRec has no time signal
+    def forward(
+        self, x: Tensor, *, layout: TokenLayout, timestamps: Tensor, query_timestamps: Tensor | None = None
+    ) -> Tensor:
+        del timestamps, query_timestamps  # SASRec has no time signal
         if layout.num_candidates is not None:
             raise ModelInputError("SASRec has no candidate tokens: rank with the HSTU encoder")
         num_seq = layout.offsets.numel() - 1

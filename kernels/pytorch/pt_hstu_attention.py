@@ -22,8 +22,11 @@ Bucket functions (the Triton kernel computes exactly these, per pair, from the t
   candidate (`pos_i = min(i, hist)`), so the order of the candidates does not matter;
   `pb(i, j) = min(pos_i - pos_j, num_pos_buckets - 1)` (always >= 0 under the mask).
 - time: with `timestamps` in seconds (int64),
-  `tb(i, j) = clamp(floor(log(max(|ts_i - ts_j|, 1)) / 0.301), 0, num_time_buckets - 1)`,
-  natural log, computed in float32. About 2.3 buckets per doubling of the gap; the last of NT
+  `tb(i, j) = clamp(floor(log(max(|tq_i - ts_j|, 1)) / 0.301), 0, num_time_buckets - 1)`,
+  natural log, computed in float32, where `tq_i` is the query time of token i:
+  `query_timestamps[i]` when given, else `timestamps[i]`. A query time is the time the token's
+  output is for (the request time): for next-item retrieval, the time of the next event, as
+  the paper's public-dataset code does. About 2.3 buckets per doubling of the gap; the last of NT
   buckets starts at exp(0.301 (NT - 1)) s: 9 days for NT = 46, 5.4 years for NT = 64. One
   sequence's timestamps must span less than 2^30 s (the kernel's int32 gaps; the dispatcher
   checks). At a float32 bucket boundary two
@@ -112,11 +115,13 @@ def pt_hstu_attention(
     pos_bias: Tensor | None = None,
     time_bias: Tensor | None = None,
     normalize_by_length: bool = False,
+    query_timestamps: Tensor | None = None,
 ) -> Tensor:
     """HSTU attention over jagged sequences, padded and dense; see the module docstring.
 
     q, k: [T, H, Dqk]; v: [T, H, Dv]; seq_offsets: [B+1] int64 with seq_offsets[0] == 0 and
     seq_offsets[-1] == T; num_targets: [B] or None; timestamps: [T] int64 seconds or None;
+    query_timestamps: [T] int64 seconds or None (the rows' times; default `timestamps`);
     pos_bias: [H, num_pos_buckets] or None; time_bias: [H, num_time_buckets] or None.
     Returns [T, H, Dv] in q's dtype. Inputs are not validated here: `kernels.hstu_attention`
     does that once for both implementations.
@@ -151,7 +156,8 @@ def pt_hstu_attention(
         scores = scores + bucket_bias(pos_bias.to(scores.dtype), bucket)  # (B, H, N, N)
     if time_bias is not None:
         ts = _pad(timestamps, token, valid)  # (B, N)
-        bucket = time_bucket(ts[:, :, None] - ts[:, None, :], time_bias.shape[1])  # (B, N, N)
+        tq = ts if query_timestamps is None else _pad(query_timestamps, token, valid)  # (B, N)
+        bucket = time_bucket(tq[:, :, None] - ts[:, None, :], time_bias.shape[1])  # (B, N, N)
         scores = scores + bucket_bias(time_bias.to(scores.dtype), bucket)
 
     weights = torch.where(mask[:, None], F.silu(scores), torch.zeros((), dtype=scores.dtype, device=device))

@@ -14,7 +14,9 @@ the mask and the bucket functions) without padding and without any [N, N] tensor
   timestamps) buckets present in a tile; the position table by skewing the tile (a gather
   that turns its diagonals into rows) so one row sum gives one relative position.
 
-Time buckets are computed per pair from int32 seconds relative to the sequence's first token
+Time buckets are computed per pair, from a row's query time (`query_timestamps`, which the
+launchers set to `timestamps` when absent) and a column's time, in int32 seconds relative to
+the sequence's first token
 (the dispatcher checks that one sequence spans less than 2^30 s, 34 years) and the hardware's
 approximate log2: the bias is the bulk of the per-pair work, so it stays in 32-bit integer and
 single-instruction float arithmetic.
@@ -146,7 +148,7 @@ def _fwd_block(
 @triton.autotune(configs=_fwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_short})
 @triton.jit(do_not_specialize=["AUTOTUNE_N", "num_pos_buckets", "num_time_buckets"])
 def _hstu_attn_fwd(
-    Q, K, V, Out, SeqOffsets, NumTargets, Timestamps, PosBias, TimeBias,
+    Q, K, V, Out, SeqOffsets, NumTargets, Timestamps, QueryTimestamps, PosBias, TimeBias,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_pb, stride_tb,
     alpha, inv_max_len, num_pos_buckets, num_time_buckets, AUTOTUNE_N,
@@ -183,7 +185,7 @@ def _hstu_attn_fwd(
     q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_qk[None, :], mask=row_ok[:, None] & qk_ok, other=0.0)
     pos_i = tl.minimum(offs_m, hist)
     ts_base = tl.load(Timestamps + seq_start) if HAS_TIME else 0
-    rts_i = _rel_seconds(Timestamps, seq_start + tl.minimum(offs_m, seq_len - 1), ts_base) if HAS_TIME else offs_m
+    rts_i = _rel_seconds(QueryTimestamps, seq_start + tl.minimum(offs_m, seq_len - 1), ts_base) if HAS_TIME else offs_m
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     n_end = tl.minimum(m0 + BLOCK_M, hist)  # keys past the history only meet themselves (below)
@@ -199,7 +201,7 @@ def _hstu_attn_fwd(
 
     if HAS_TARGETS:
         if m0 + BLOCK_M > hist:
-            # A candidate's own term: silu(alpha q_i.k_i + bias at bucket 0) v_i.
+            # A candidate's own term: silu(alpha q_i.k_i + bias(i, i)) v_i (position bucket 0).
             is_cand = row_ok & (offs_m >= hist)
             k_d = tl.load(K_h + rows[:, None] * stride_kt + offs_qk[None, :], mask=is_cand[:, None] & qk_ok, other=0.0)
             v_d = tl.load(V_h + rows[:, None] * stride_vt + offs_v[None, :], mask=is_cand[:, None] & v_ok, other=0.0)
@@ -207,7 +209,8 @@ def _hstu_attn_fwd(
             if HAS_POS:
                 s_d += tl.load(PB_h).to(tl.float32)
             if HAS_TIME:
-                s_d += tl.load(TB_h).to(tl.float32)
+                rts_own = _rel_seconds(Timestamps, seq_start + tl.minimum(offs_m, seq_len - 1), ts_base)
+                s_d += tl.load(TB_h + _gap_bucket(tl.abs(rts_i - rts_own), num_time_buckets)).to(tl.float32)
             p_d = tl.where(is_cand, s_d / (1.0 + tl.exp(-s_d)), 0.0)
             acc += p_d[:, None] * v_d.to(tl.float32)
 
@@ -218,7 +221,7 @@ def _hstu_attn_fwd(
 @triton.jit
 def _bwd_block(
     dk, dv, d_pos_last, d_time, k, v, rts_j,
-    Q_h, DO_h, DQ_h, DPB_h, PB_h, TB_h, Timestamps, ts_base, seq_start, seq_len, hist,
+    Q_h, DO_h, DQ_h, DPB_h, PB_h, TB_h, QueryTimestamps, ts_base, seq_start, seq_len, hist,
     stride_qt, stride_dot, stride_dqt,
     m0, n0, offs_n, alpha, inv_n, num_pos_buckets, num_time_buckets,
     offs_qk, offs_v, qk_ok, v_ok, offs_t,
@@ -236,7 +239,7 @@ def _bwd_block(
     if HAS_POS:
         s += tl.load(PB_h + _pos_bucket(tl.minimum(offs_m, hist), offs_n, num_pos_buckets)).to(tl.float32)
     if HAS_TIME:
-        rts_i = _rel_seconds(Timestamps, seq_start + tl.minimum(offs_m, seq_len - 1), ts_base)
+        rts_i = _rel_seconds(QueryTimestamps, seq_start + tl.minimum(offs_m, seq_len - 1), ts_base)
         tb = _time_bucket(rts_i, rts_j, num_time_buckets)
         s += tl.load(TB_h + tb).to(tl.float32)
     sig = 1.0 / (1.0 + tl.exp(-s))
@@ -293,7 +296,7 @@ def _bwd_block(
 @triton.jit(do_not_specialize=["AUTOTUNE_N", "num_pos_buckets", "num_time_buckets"])
 def _hstu_attn_bwd(
     Q, K, V, DOut, DQ, DK, DV, DPosBias, DTimeBias,
-    SeqOffsets, NumTargets, Timestamps, PosBias, TimeBias,
+    SeqOffsets, NumTargets, Timestamps, QueryTimestamps, PosBias, TimeBias,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     stride_pb, stride_tb, stride_dpb, stride_dtb,
@@ -345,13 +348,13 @@ def _hstu_attn_bwd(
         m_full = tl.where(n0 + BLOCK_N <= hist, (n0 + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M * BLOCK_M, seq_len)
         for m0 in range(m_first, tl.minimum(m_full, seq_len), BLOCK_M):
             dk, dv, d_pos_last, d_time = _bwd_block(
-                dk, dv, d_pos_last, d_time, k, v, rts_j, Q_h, DO_h, DQ_h, DPB_h, PB_h, TB_h, Timestamps, ts_base,
+                dk, dv, d_pos_last, d_time, k, v, rts_j, Q_h, DO_h, DQ_h, DPB_h, PB_h, TB_h, QueryTimestamps, ts_base,
                 seq_start, seq_len, hist, stride_qt, stride_dot, stride_dqt, m0, n0, offs_n, alpha, inv_n,
                 num_pos_buckets, num_time_buckets, offs_qk, offs_v, qk_ok, v_ok, offs_t,
                 HAS_POS, HAS_TIME, PRECISION, BLOCK_M, BLOCK_N, True)
         for m0 in range(m_full, seq_len, BLOCK_M):
             dk, dv, d_pos_last, d_time = _bwd_block(
-                dk, dv, d_pos_last, d_time, k, v, rts_j, Q_h, DO_h, DQ_h, DPB_h, PB_h, TB_h, Timestamps, ts_base,
+                dk, dv, d_pos_last, d_time, k, v, rts_j, Q_h, DO_h, DQ_h, DPB_h, PB_h, TB_h, QueryTimestamps, ts_base,
                 seq_start, seq_len, hist, stride_qt, stride_dot, stride_dqt, m0, n0, offs_n, alpha, inv_n,
                 num_pos_buckets, num_time_buckets, offs_qk, offs_v, qk_ok, v_ok, offs_t,
                 HAS_POS, HAS_TIME, PRECISION, BLOCK_M, BLOCK_N, False)
@@ -366,7 +369,9 @@ def _hstu_attn_bwd(
             if HAS_POS:
                 s_d += tl.load(PB_h).to(tl.float32)
             if HAS_TIME:
-                s_d += tl.load(TB_h).to(tl.float32)
+                rq_d = _rel_seconds(QueryTimestamps, seq_start + tl.minimum(offs_n, seq_len - 1), ts_base)
+                tb_d = _gap_bucket(tl.abs(rq_d - rts_j), num_time_buckets)  # (BLOCK_N,)
+                s_d += tl.load(TB_h + tb_d).to(tl.float32)
             sig_d = 1.0 / (1.0 + tl.exp(-s_d))
             p_d = tl.where(is_cand, s_d * sig_d * inv_n, 0.0)
             dv += p_d[:, None] * do_d
@@ -379,7 +384,7 @@ def _hstu_attn_bwd(
             if HAS_POS:
                 tl.atomic_add(DPB_h, diag_sum, sem="relaxed")
             if HAS_TIME:
-                d_time += tl.where(offs_t == 0, diag_sum, 0.0)
+                d_time += tl.sum(tl.where(tb_d[:, None] == offs_t[None, :], ds_d[:, None], 0.0), axis=0)
 
     dk = dk * alpha
     tl.store(DK + cols[:, None] * stride_dkt + h * stride_dkh + offs_qk[None, :], dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & qk_ok)
@@ -400,11 +405,16 @@ def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _common_args(q, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize_by_length):
+def _common_args(
+    q, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize_by_length,
+    query_timestamps,
+):
     dummy = seq_offsets  # stands in for absent optional tensors; their constexpr flag is False
+    timestamps = timestamps if timestamps is not None else dummy
     return dict(
         num_targets=num_targets if num_targets is not None else dummy,
-        timestamps=timestamps if timestamps is not None else dummy,
+        timestamps=timestamps,
+        query_timestamps=query_timestamps if query_timestamps is not None else timestamps,
         pos_bias=pos_bias if pos_bias is not None else dummy,
         time_bias=time_bias if time_bias is not None else dummy,
         stride_pb=pos_bias.stride(0) if pos_bias is not None else 0,
@@ -428,7 +438,7 @@ def _common_args(q, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps,
 def hstu_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_offsets: torch.Tensor, max_seq_len: int, alpha: float,
     num_targets: torch.Tensor | None, timestamps: torch.Tensor | None, pos_bias: torch.Tensor | None,
-    time_bias: torch.Tensor | None, normalize_by_length: bool,
+    time_bias: torch.Tensor | None, normalize_by_length: bool, query_timestamps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Forward launcher: [T, H, Dv] output in q's dtype."""
     num_tokens, num_heads, _ = q.shape
@@ -437,13 +447,16 @@ def hstu_attention_fwd(
     if num_tokens == 0 or batch == 0:
         return out
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
-    a = _common_args(q, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize_by_length)
+    a = _common_args(
+        q, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize_by_length,
+        query_timestamps,
+    )
 
     def grid(meta):
         return (triton.cdiv(max_seq_len, meta["BLOCK_M"]), num_heads, batch)
 
     _hstu_attn_fwd[grid](
-        q, k, v, out, seq_offsets, a["num_targets"], a["timestamps"], a["pos_bias"], a["time_bias"],
+        q, k, v, out, seq_offsets, a["num_targets"], a["timestamps"], a["query_timestamps"], a["pos_bias"], a["time_bias"],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         a["stride_pb"], a["stride_tb"],
         **a["scalars"], **a["flags"],
@@ -455,6 +468,7 @@ def hstu_attention_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_offsets: torch.Tensor,
     max_seq_len: int, alpha: float, num_targets: torch.Tensor | None, timestamps: torch.Tensor | None,
     pos_bias: torch.Tensor | None, time_bias: torch.Tensor | None, normalize_by_length: bool,
+    query_timestamps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Backward launcher: (dq, dk, dv, d_pos_bias or None, d_time_bias or None)."""
     num_tokens, num_heads, _ = q.shape
@@ -467,7 +481,10 @@ def hstu_attention_bwd(
     d_time = torch.zeros(time_bias.shape if time_bias is not None else (1, 1), dtype=torch.float32, device=device)
     if num_tokens > 0 and batch > 0:
         dout, q, k, v = _rows_contiguous(dout), _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
-        a = _common_args(q, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize_by_length)
+        a = _common_args(
+            q, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize_by_length,
+            query_timestamps,
+        )
         block_time = max(16, triton.next_power_of_2(a["scalars"]["num_time_buckets"]))
 
         def grid(meta):
@@ -475,7 +492,7 @@ def hstu_attention_bwd(
 
         _hstu_attn_bwd[grid](
             q, k, v, dout, dq, dk, dv, d_pos, d_time,
-            seq_offsets, a["num_targets"], a["timestamps"], a["pos_bias"], a["time_bias"],
+            seq_offsets, a["num_targets"], a["timestamps"], a["query_timestamps"], a["pos_bias"], a["time_bias"],
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
             dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             a["stride_pb"], a["stride_tb"], d_pos.stride(0), d_time.stride(0),

@@ -59,6 +59,7 @@ class HstuCase:
     normalize_by_length: bool
     sorted_timestamps: bool
     seed: int
+    query_times: bool = False  # rows take their own query time (query_timestamps), later than their token's
 
     @property
     def alpha(self) -> float:
@@ -87,6 +88,7 @@ def hstu_cases(draw, max_batch: int = 8, max_len: int = 128) -> HstuCase:
         normalize_by_length=draw(st.booleans()),
         sorted_timestamps=draw(st.booleans()),
         seed=draw(st.integers(0, 2**31 - 1)),
+        query_times=draw(st.booleans()),
     )
 
 
@@ -99,7 +101,10 @@ EDGE_HSTU_CASES = [
     HstuCase((128, 0, 1, 127, 65, 33, 100, 64), 128, (0, 0, 1, 5, 65, 3, 0, 64), 2, 64, 64, 300, 40, True, True, 3),
     # unsorted timestamps, positions that straddle the clamp, candidates mid-block
     HstuCase((97, 31), 100, (10, 31), 1, 32, 16, 7, 40, False, False, 4),
+    # query times (the next event's time) on rows, candidates whose own term has a time gap
+    HstuCase((70, 1, 45), 80, (0, 1, 9), 2, 16, 16, 300, 40, False, True, 5, query_times=True),
 ]
+EDGE_HSTU_IDS = ["all-empty", "length-1", "b8-n128", "unsorted-ts", "query-times"]
 
 
 def hstu_inputs(case: HstuCase, device: str, dtype: torch.dtype) -> dict:
@@ -115,6 +120,9 @@ def hstu_inputs(case: HstuCase, device: str, dtype: torch.dtype) -> dict:
     if case.sorted_timestamps:
         pieces = [timestamps[s:e].sort().values for s, e in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
         timestamps = torch.cat(pieces) if pieces else timestamps
+    query_timestamps = None
+    if case.query_times:
+        query_timestamps = timestamps + torch.randint(0, TIMESTAMP_SPAN // 2, (total,), generator=gen)
     args = dict(
         q=leaf(total, case.heads, case.dqk),
         k=leaf(total, case.heads, case.dqk),
@@ -124,6 +132,7 @@ def hstu_inputs(case: HstuCase, device: str, dtype: torch.dtype) -> dict:
         alpha=case.alpha,
         num_targets=torch.tensor(case.num_targets, dtype=torch.int64, device=device) if case.num_targets else None,
         timestamps=timestamps.to(device) if case.time_buckets else None,
+        query_timestamps=query_timestamps.to(device) if case.time_buckets and query_timestamps is not None else None,
         pos_bias=leaf(case.heads, case.pos_buckets, scale=0.5) if case.pos_buckets else None,
         time_bias=leaf(case.heads, case.time_buckets, scale=0.5) if case.time_buckets else None,
         normalize_by_length=case.normalize_by_length,

@@ -14,14 +14,14 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 
 from kernels._dispatch import triton_interpreted
-from tests.kernels.cases import EDGE_HSTU_CASES, check_hstu_case, hstu_cases, hstu_inputs
+from tests.kernels.cases import EDGE_HSTU_CASES, EDGE_HSTU_IDS, check_hstu_case, hstu_cases, hstu_inputs
 
 pytestmark = pytest.mark.skipif(
     not triton_interpreted(), reason="needs TRITON_INTERPRET=1 before triton is imported (test_hstu_attention.py sets it)"
 )
 
 
-@pytest.mark.parametrize("case", EDGE_HSTU_CASES, ids=["all-empty", "length-1", "b8-n128", "unsorted-ts"])
+@pytest.mark.parametrize("case", EDGE_HSTU_CASES, ids=EDGE_HSTU_IDS)
 def test_edge_cases_match_reference(case):
     check_hstu_case(case, "cpu", torch.float32)
 
@@ -35,9 +35,10 @@ def test_random_cases_match_reference(case):
 
 def test_custom_ops_pass_opcheck():
     """Schema, autograd registration, fake tensors and AOT dispatch of both custom ops."""
-    inputs = hstu_inputs(EDGE_HSTU_CASES[3], "cpu", torch.float32)["args"]
+    inputs = hstu_inputs(EDGE_HSTU_CASES[4], "cpu", torch.float32)["args"]  # every optional input present
     args = (inputs["q"], inputs["k"], inputs["v"], inputs["seq_offsets"], inputs["max_seq_len"], inputs["alpha"],
-            inputs["num_targets"], inputs["timestamps"], inputs["pos_bias"], inputs["time_bias"], False)
+            inputs["num_targets"], inputs["timestamps"], inputs["pos_bias"], inputs["time_bias"], False,
+            inputs["query_timestamps"])
     torch.library.opcheck(torch.ops.hstu_rt.hstu_attention_triton.default, args)
     dout = torch.randn(inputs["v"].shape)
     torch.library.opcheck(torch.ops.hstu_rt.hstu_attention_triton_bwd.default, (dout, *[a.detach() if isinstance(a, torch.Tensor) else a for a in args]))

@@ -18,11 +18,13 @@ from kernels import _dispatch
 from kernels._dispatch import KernelImplError, KernelInputError, KernelUnavailableError, triton_interpreted
 from kernels.hstu_attention import hstu_attention
 from kernels.pytorch.pt_hstu_attention import pt_hstu_attention, relative_position_bucket, time_bucket
-from tests.kernels.cases import EDGE_HSTU_CASES, check_hstu_case, hstu_cases, hstu_inputs
+from tests.kernels.cases import EDGE_HSTU_CASES, EDGE_HSTU_IDS, check_hstu_case, hstu_cases, hstu_inputs
 
 
-def naive_hstu(q, k, v, offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize):
+def naive_hstu(q, k, v, offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize,
+               query_timestamps=None):
     """The formula, one pair at a time, in float64: the oracle for the reference."""
+    query_timestamps = timestamps if query_timestamps is None else query_timestamps
     out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=torch.float64)
     for b in range(len(offsets) - 1):
         start, length = int(offsets[b]), int(offsets[b + 1] - offsets[b])
@@ -37,14 +39,14 @@ def naive_hstu(q, k, v, offsets, max_seq_len, alpha, num_targets, timestamps, po
                     if pos_bias is not None:
                         x += float(pos_bias[h, min(min(i, hist) - min(j, hist), pos_bias.shape[1] - 1)])
                     if time_bias is not None:
-                        gap = max(abs(int(timestamps[start + i]) - int(timestamps[start + j])), 1)
+                        gap = max(abs(int(query_timestamps[start + i]) - int(timestamps[start + j])), 1)
                         x += float(time_bias[h, min(max(math.floor(math.log(gap) / 0.301), 0), time_bias.shape[1] - 1)])
                     out[start + i, h] += x / (1.0 + math.exp(-x)) * v[start + j, h].double() / n
     return out
 
 
 @pytest.mark.parametrize("targets", [None, (0, 2, 3, 1)])
-@pytest.mark.parametrize("bias", ["none", "pos", "time", "both"])
+@pytest.mark.parametrize("bias", ["none", "pos", "time", "both", "time-query"])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_reference_matches_naive_loops(targets, bias, normalize):
     torch.manual_seed(0)
@@ -54,12 +56,14 @@ def test_reference_matches_naive_loops(targets, bias, normalize):
     num_targets = torch.tensor(targets) if targets else None
     timestamps = torch.tensor([0, 1, 5, 100, 4000, 7, 7, 9000, 3])
     pos_bias = torch.randn(2, 3, dtype=torch.float64) if bias in ("pos", "both") else None
-    time_bias = torch.randn(2, 30, dtype=torch.float64) if bias in ("time", "both") else None
+    time_bias = torch.randn(2, 30, dtype=torch.float64) if bias in ("time", "both", "time-query") else None
+    # query times: each row's time gaps are measured from the next token's time (the request time)
+    query = torch.tensor([1, 5, 100, 4000, 4100, 7, 9000, 9000, 50]) if bias == "time-query" else None
     args = (q, k, v, offsets, max(lengths) + 1)
     kwargs = dict(alpha=0.4, num_targets=num_targets, timestamps=timestamps, pos_bias=pos_bias, time_bias=time_bias,
-                  normalize_by_length=normalize)
+                  normalize_by_length=normalize, query_timestamps=query)
     got = pt_hstu_attention(*args, **kwargs)
-    want = naive_hstu(*args, 0.4, num_targets, timestamps, pos_bias, time_bias, normalize)
+    want = naive_hstu(*args, 0.4, num_targets, timestamps, pos_bias, time_bias, normalize, query)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
 
 
@@ -171,6 +175,9 @@ def _bad(**overrides):
         (dict(pos_bias=torch.randn(3, 4)), "pos_bias must be \\[H=2, num_buckets >= 1\\]"),
         (dict(time_bias=torch.randn(2, 4)), "time_bias needs timestamps"),
         (dict(timestamps=torch.randn(5), time_bias=torch.randn(2, 4)), "timestamps must be an integer tensor"),
+        (dict(query_timestamps=torch.arange(5)), "query_timestamps needs timestamps"),
+        (dict(timestamps=torch.arange(5), query_timestamps=torch.arange(4)), "query_timestamps must have shape \\(5,\\)"),
+        (dict(timestamps=torch.arange(5), query_timestamps=torch.rand(5)), "query_timestamps must be an integer tensor"),
         (dict(seq_offsets=torch.tensor([0, 2, 4])), "seq_offsets must start at 0 and end at T=5"),
         (dict(seq_offsets=torch.tensor([0, 3, 2, 5])), "non-decreasing, got seq_offsets\\[1\\]=3 > seq_offsets\\[2\\]=2"),
         (dict(max_seq_len=2), "a sequence has 3 tokens \\(sequence 1\\), more than max_seq_len=2"),
@@ -188,7 +195,7 @@ def test_bad_inputs_are_rejected_with_the_offending_value(overrides, message):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", EDGE_HSTU_CASES, ids=["all-empty", "length-1", "b8-n128", "unsorted-ts"])
+@pytest.mark.parametrize("case", EDGE_HSTU_CASES, ids=EDGE_HSTU_IDS)
 def test_gpu_bf16_edge_cases_match_reference(cuda_device, case):
     check_hstu_case(case, cuda_device, torch.bfloat16)
 
@@ -238,3 +245,6 @@ def test_timestamps_spanning_34_years_are_rejected():
         hstu_attention(q, k, v, torch.tensor([0, 3]), 3, alpha=0.5, timestamps=timestamps, time_bias=torch.zeros(1, 8))
     ok = torch.tensor([1_700_000_000, 1_700_000_001, 1_700_000_060])
     hstu_attention(q, k, v, torch.tensor([0, 3]), 3, alpha=0.5, timestamps=ok, time_bias=torch.zeros(1, 8))
+    with pytest.raises(KernelInputError, match="span 1700000060 s"):  # query times count too
+        hstu_attention(q, k, v, torch.tensor([0, 3]), 3, alpha=0.5, timestamps=ok, time_bias=torch.zeros(1, 8),
+                       query_timestamps=torch.tensor([0, 1_700_000_001, 1_700_000_060]))

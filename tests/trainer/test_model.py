@@ -111,6 +111,57 @@ def test_length_groups_give_the_same_outputs(layout: str) -> None:
     assert torch.allclose(grouped_model.encode(rows, actions, ts, lay), ungrouped, atol=1e-5)
 
 
+def test_query_times_are_the_next_events_time() -> None:
+    """query_time="next": a query token measures its time gaps from the event it retrieves."""
+    ts = torch.tensor([10, 20, 35, 100, 130])
+    items = build_layout(torch.tensor([0, 3, 3, 5]), interleaved=False)  # users of 3, 0 and 2 events
+    assert HSTUModel.query_times(ts, ts, items).tolist() == [20, 35, 35, 130, 130]  # last: its own time
+    request = torch.tensor([50, 999, 140])  # the empty user's request time is unused
+    assert HSTUModel.query_times(ts, ts, items, request).tolist() == [20, 35, 50, 130, 140]
+    # interleaved, with a candidate: action tokens retrieve, item and candidate tokens keep their own time
+    inter = build_layout(torch.tensor([0, 2]), interleaved=True, candidate_offsets=torch.tensor([0, 1]))
+    token_ts = torch.tensor([10, 10, 20, 20, 25])  # I0 A0 I1 A1 C
+    got = HSTUModel.query_times(torch.tensor([10, 20]), token_ts, inter, torch.tensor([30]))
+    assert got.tolist() == [10, 20, 20, 30, 25]
+
+
+@pytest.mark.parametrize("layout", ["items", "interleaved"])
+def test_next_query_time_changes_outputs_only_through_the_next_time(layout: str) -> None:
+    model = make(layout=layout, query_time="next", num_time_buckets=64).eval()  # buckets up to 5 years
+    offsets, ids, actions, ts = batch([10])
+    lay = model.layout(offsets)
+    rows = model.table.lookup(ids)
+    base = model.encode(rows, actions, ts, lay)
+    ids2 = ids.clone()
+    ids2[6] = 59 if ids[6] != 59 else 58  # a later item: causal as before
+    assert torch.allclose(model.encode(model.table.lookup(ids2), actions, ts, lay)[: int(lay.item_token[6])],
+                          base[: int(lay.item_token[6])], atol=1e-6)
+    ts2 = ts.clone()
+    ts2[6:] += 10_000_000  # event 6 happens much later: event 5's query (and everything after) sees it
+    moved = model.encode(rows, actions, ts2, lay)
+    q5 = int(lay.query_token[5])
+    assert torch.allclose(moved[:q5], base[:q5], atol=1e-6)
+    assert not torch.allclose(moved[q5], base[q5], atol=1e-6)
+    # the request time drives the last query token; without one it is the last event's time
+    last = int(lay.query_token[-1])
+    same = model.encode(rows, actions, ts, lay, request_timestamps=ts[-1:])
+    later = model.encode(rows, actions, ts, lay, request_timestamps=ts[-1:] + 10_000_000)
+    assert torch.allclose(same, base, atol=1e-6)
+    assert torch.allclose(later[:last], base[:last], atol=1e-6)
+    assert not torch.allclose(later[last], base[last], atol=1e-6)
+
+
+def test_length_groups_carry_query_times() -> None:
+    model = make(query_time="next", num_time_buckets=64).eval()
+    offsets, ids, actions, ts = batch([3, 20, 7, 25, 1, 12, 5])
+    rows = model.table.lookup(ids)
+    request = ts[offsets[1:] - 1] + 777
+    ungrouped = model.encode(rows, actions, ts, model.layout(offsets), request_timestamps=request)
+    model.config = dataclasses.replace(model.config, attention_groups=3)
+    grouped = model.encode(rows, actions, ts, model.layout(offsets), request_timestamps=request)
+    assert torch.allclose(grouped, ungrouped, atol=1e-5)
+
+
 def test_length_groups_minimise_padding() -> None:
     lengths = np.array([10, 1, 1, 1, 9, 2])
     groups = length_groups(lengths, 2)
