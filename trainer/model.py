@@ -539,7 +539,10 @@ class HSTUModel(nn.Module):
     ) -> Tensor:
         """The retrieval query of each user (after its last event), L2-normalised: [B, dim].
 
-        request_timestamps [B]: when each recommendation is for (see `encode`).
+        request_timestamps [B]: when each recommendation is for (see `encode`). Under
+        `query_time="next"` a caller that knows it (serving: the request's time; evaluation: the
+        held-out event's) should pass it: the default, the last event's own time, is a query time
+        training never gives a retrieving token.
         """
         layout = self.layout(offsets)
         out = self.encode(rows, actions, timestamps, layout, request_timestamps=request_timestamps)
@@ -601,11 +604,14 @@ class HSTUModel(nn.Module):
         offsets: Tensor | None = None,
         candidate_offsets: Tensor | None = None,
         candidate_timestamps: Tensor | None = None,
+        request_timestamps: Tensor | None = None,
     ) -> Tensor:
         """Action logits [C, num_actions] of every candidate, all of a user's candidates in one pass.
 
         Without offsets the inputs are one user's history and candidates. Candidates default to
-        the time of the user's last event.
+        the time of the user's last event. request_timestamps [B] (the query time of each user's
+        last history token under `query_time="next"`) default to the time of the user's first
+        candidate: in training that token's query time is the next item's time.
         """
         rows, acts, ts, offsets = self._prepare(item_ids, actions, timestamps, offsets)
         if candidate_offsets is None:
@@ -614,12 +620,17 @@ class HSTUModel(nn.Module):
             candidate_offsets = torch.tensor([0, candidate_ids.numel()], dtype=torch.int64)
         candidate_offsets = candidate_offsets.to("cpu", torch.int64)
         layout = self.layout(offsets, candidate_offsets)
+        last_ts = ts[offsets[1:].to(ts.device) - 1]  # (B,)
         if candidate_timestamps is None:
-            last_ts = ts[offsets[1:].to(ts.device) - 1]
             candidate_timestamps = torch.repeat_interleave(last_ts, layout.num_candidates)
+        candidate_timestamps = candidate_timestamps.to(self.device)
+        if request_timestamps is None and candidate_timestamps.numel() > 0:
+            first = candidate_offsets[:-1].clamp(max=candidate_timestamps.numel() - 1).to(self.device)
+            request_timestamps = torch.where(layout.num_candidates > 0, candidate_timestamps[first], last_ts)
         cand_rows = self.table.lookup(candidate_ids).to(self.device)
         out = self.encode(
-            rows, acts, ts, layout, candidate_rows=cand_rows, candidate_timestamps=candidate_timestamps.to(self.device)
+            rows, acts, ts, layout, candidate_rows=cand_rows, candidate_timestamps=candidate_timestamps,
+            request_timestamps=request_timestamps,
         )
         assert self.action_head is not None  # layout() rejected candidates in the items layout
         return self.action_head(out[layout.candidate_token])

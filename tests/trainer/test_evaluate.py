@@ -36,9 +36,8 @@ def test_request_time_is_the_targets_time(monkeypatch) -> None:
     monkeypatch.setattr(model, "user_embeddings", spy)
     for eval_set in (split.valid, split.test):
         seen.clear()
-        metrics = evaluate_retrieval(model, eval_set, max_seq_len=10, batch_size=2)
+        evaluate_retrieval(model, eval_set, max_seq_len=10, batch_size=2)
         assert torch.cat(seen).tolist() == eval_set.target_timestamps.tolist()
-        assert 0.0 <= metrics["ndcg@10"] <= 1.0
     # and the request time changes the users' embeddings (it is not ignored downstream)
     hist = split.test.history
     rows = model.table.lookup(torch.from_numpy(hist.item_ids))

@@ -151,6 +151,21 @@ def test_next_query_time_changes_outputs_only_through_the_next_time(layout: str)
     assert not torch.allclose(later[last], base[last], atol=1e-6)
 
 
+def test_rank_asks_at_the_candidates_time_under_next_query_time() -> None:
+    """The last history token's query time is the request time: by default the candidates' time."""
+    model = make(layout="interleaved", max_candidates=4, query_time="next", num_time_buckets=64).eval()
+    _, ids, actions, ts = batch([7])
+    cands = torch.tensor([3, 17, 29])
+    when = torch.full((3,), int(ts[-1]) + 86_400)  # a day after the last event
+    default = model.rank(item_ids=ids, actions=actions, timestamps=ts, candidate_ids=cands, candidate_timestamps=when)
+    explicit = model.rank(item_ids=ids, actions=actions, timestamps=ts, candidate_ids=cands, candidate_timestamps=when,
+                          request_timestamps=when[:1])
+    at_last = model.rank(item_ids=ids, actions=actions, timestamps=ts, candidate_ids=cands, candidate_timestamps=when,
+                         request_timestamps=ts[-1:])
+    assert torch.allclose(default, explicit, atol=1e-6)
+    assert not torch.allclose(default, at_last, atol=1e-6)
+
+
 def test_length_groups_carry_query_times() -> None:
     model = make(query_time="next", num_time_buckets=64).eval()
     offsets, ids, actions, ts = batch([3, 20, 7, 25, 1, 12, 5])
