@@ -372,21 +372,23 @@ class RedisRows:
                   *_bulk_column(self._key_column(batch.user_ids)), _const(ts)]
         for name in self.names:
             pieces += [_const(resp_bulk(self.fields[name])), *_bulk_column(values[name])]
-        data, ends = _resp_commands(pieces)
-        for start in range(0, n, _REDIS_CHUNK):
-            stop = min(start + _REDIS_CHUNK, n)
-            self.pipe.round_trip(data[ends[start]:ends[stop]], stop - start)  # HSET's replies: counts
+        self._send(*_resp_commands(pieces), _REDIS_CHUNK)  # HSET's replies: counts
+
+    def _send(self, data: memoryview, ends: np.ndarray, chunk: int) -> list:
+        """Pipeline the commands (`_resp_commands`' bytes and ends) `chunk` per round trip; the replies."""
+        replies: list = []
+        n = len(ends) - 1
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            replies.extend(self.pipe.round_trip(data[ends[start]:ends[stop]], stop - start))
+        return replies
 
     def read(self, user_ids: np.ndarray, chunk: int = _REDIS_CHUNK):
         """One HMGET of the five features per user, `chunk` users per round trip."""
-        n = len(user_ids)
         replies: list = []
-        if n:
-            data, ends = _resp_commands([_const(self._hmget_head), *_bulk_column(self._key_column(user_ids)),
-                                         _const(self._hmget_fields)])
-            for start in range(0, n, chunk):
-                stop = min(start + chunk, n)
-                replies.extend(self.pipe.round_trip(data[ends[start]:ends[stop]], stop - start))
+        if len(user_ids):
+            replies = self._send(*_resp_commands([_const(self._hmget_head), *_bulk_column(self._key_column(user_ids)),
+                                                  _const(self._hmget_fields)]), chunk)
         values = {name: [r[j] for r in replies] for j, name in enumerate(self.names)}
         return _decode_rows_bulk(user_ids, values)
 
