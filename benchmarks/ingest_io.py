@@ -12,8 +12,10 @@ logs go to stderr. Figures:
   jars already in ~/.m2; only when the benchmark starts its own broker.
 - replay_events_per_s / consume_events_per_s: the ML-100K recorded log produced into a new
   4-partition topic, then consumed back in full (kafka-python).
-- feast_write_rows_per_s / feast_read_rows_per_s: one batched write / read of 10k users'
-  sequences of length 200 through `features.sequences.SequenceStore` (SQLite online store).
+- feast_write_rows_per_s / feast_read_rows_per_s: a batched write / read of 10k users'
+  sequences of length 200 through `features.sequences.SequenceStore` (SQLite online store), the
+  median of 3 (`features.sequences.measure_batch_io`); feast_push_write_rows_per_s: the same write
+  through Feast's DataFrame path (`FeatureStore.push`), for comparison.
 """
 
 from __future__ import annotations

@@ -173,7 +173,10 @@ def check_point(point: dict) -> dict:
             x.grad = None
         out = run()
         results[impl] = [out.detach().float()] + [x.grad.detach().float() for x in leaves]
-    names = ["out", "d_q", "d_k", "d_v", "d_pos_bias", "d_time_bias"]
+    a = point["inputs"]
+    names = ["out"] + [name for name, x in (("d_q", a["q"]), ("d_k", a["k"]), ("d_v", a["v"]),
+                                            ("d_pos_bias", a["pos_bias"]), ("d_time_bias", a["time_bias"]))
+                       if x is not None]
     for name, got, want in zip(names, results["triton"], results["pytorch"]):
         errors[name] = float((got - want).norm() / want.norm().clamp_min(1e-30))
     return errors
@@ -221,20 +224,24 @@ def bench_attention(setup: Setup, seq_lens: list[int], sparsities: list[float], 
                         fn, leaves = hstu_call(point, impl, backward)
                         flops = jagged_flops * flop_factor
                     if cuda and impl == "pytorch" and backward and n > reference_bwd_max_n:
-                        emit("hstu_attention_time", None, "ms", impl=impl, mode=mode,
-                             skipped=f"the dense reference's backward takes seconds per call; timed up to N={reference_bwd_max_n}", **base)
+                        emit("hstu_attention_not_timed", 1, "point", impl=impl, mode=mode,
+                             reason=f"the dense reference's backward takes seconds per call; timed up to N={reference_bwd_max_n}", **base)
                         row[(impl, mode)] = None
                         continue
                     try:
                         ms = time_ms(fn, leaves, setup.device, slow=impl == "pytorch")
                     except Exception as exc:  # report and go on: one failing implementation must not hide the others
-                        emit("hstu_attention_time", None, "ms", impl=impl, mode=mode, error=repr(exc)[:500], **base)
+                        emit("hstu_attention_not_timed", 1, "point", impl=impl, mode=mode, reason=repr(exc)[:500],
+                             **base)
                         log(f"  N={n:5d} s={sparsity:.1f} {mode:7s} {impl:12s} FAILED {exc!r}"[:300])
                         row[(impl, mode)] = None
                         continue
                     row[(impl, mode)] = ms
-                    emit("hstu_attention_time", ms, "ms", impl=impl, mode=mode, **base)
-                    if ms is not None:
+                    if ms is None:
+                        emit("hstu_attention_not_timed", 1, "point", impl=impl, mode=mode, reason="out of memory",
+                             **base)
+                    else:
+                        emit("hstu_attention_time", ms, "ms", impl=impl, mode=mode, **base)
                         row[("tflops", impl, mode)] = flops / ms / 1e9
                         emit("hstu_attention_throughput", flops / ms / 1e9, "TFLOP/s", impl=impl, mode=mode,
                              flops_counted="padded causal" if impl.startswith("sdpa") else "jagged causal", **base)
@@ -328,7 +335,10 @@ def bench_loss(device: str, dtype: torch.dtype, rows: int, negatives: int, dim: 
                 return loss
 
             ms = time_ms(run, [query, table], device)
-            emit("sampled_softmax_time", ms, "ms", impl=impl, mode="fwd+bwd", **base)
+            if ms is None:
+                emit("sampled_softmax_not_timed", 1, "point", impl=impl, mode="fwd+bwd", reason="out of memory", **base)
+            else:
+                emit("sampled_softmax_time", ms, "ms", impl=impl, mode="fwd+bwd", **base)
             if device == "cuda":
                 query.grad = table.grad = None
                 torch.cuda.synchronize()
@@ -342,7 +352,7 @@ def bench_loss(device: str, dtype: torch.dtype, rows: int, negatives: int, dim: 
                 emit("sampled_softmax_peak_memory", peak / 2**20, "MiB", impl=impl, mode="fwd+bwd",
                      note="above the inputs; includes the dense [V, D] table gradient", **base)
                 query.grad = table.grad = None
-            log(f"  loss {layout:11s} {impl:8s} {ms:9.3f} ms" + (f"  peak {peaks[impl] / 2**20:9.1f} MiB" if impl in peaks else ""))
+            log(f"  loss {layout:11s} {impl:8s} " + ("      OOM" if ms is None else f"{ms:9.3f} ms") + (f"  peak {peaks[impl] / 2**20:9.1f} MiB" if impl in peaks else ""))
         if len(peaks) == 2:
             emit("sampled_softmax_peak_memory_ratio", peaks["triton"] / peaks["pytorch"], "ratio", versus="pytorch", **base)
 

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,19 @@ def assert_same(got: SequenceBatch, want: SequenceBatch, what: str) -> None:
                 and np.array_equal(g.actions, w.actions) and (g.last_partition, g.last_offset) == (w.last_partition, w.last_offset)):
             raise AssertionError(f"{what}: user {w.user_id} has {g} but should have {w}")
     raise AssertionError(f"{what}: batches differ")
+
+
+def feed_targets(examples: pa.Table) -> Counter:
+    """The (user, item, ts_ms) of the events a feed batch marks new: each example's last `num_new`."""
+    got: Counter = Counter()
+    for row in examples.select(["user_id", "item_ids", "timestamps", "num_new"]).to_pylist():
+        start = len(row["item_ids"]) - row["num_new"]
+        got.update((row["user_id"], item, ts) for item, ts in zip(row["item_ids"][start:], row["timestamps"][start:]))
+    return got
+
+
+def frame_targets(frame: pd.DataFrame) -> Counter:
+    return Counter(zip(frame["user_id"].tolist(), frame["item_id"].tolist(), frame["ts_ms"].tolist()))
 
 
 def read_store(feast_dir: Path, max_len: int, users: np.ndarray) -> SequenceBatch:
@@ -248,12 +262,12 @@ def test_a_failed_batch_clears_the_cache_and_the_retry_is_exact(failure, ray_add
     runner = threading.Thread(target=lambda: result.update(summary=job.run()), daemon=True)
     runner.start()
     consumer = FeedConsumer("t", actor_name=feed_name, namespace="hstu")
-    num_new = []
+    targets: Counter = Counter()
     try:
         while True:  # until the job, idle and fully committed, closes the feed
             got = consumer.next(timeout_s=2)
             if got is not None:
-                num_new.append(int(pa.compute.sum(got.examples.column("num_new")).as_py()))
+                targets.update(feed_targets(got.examples))
                 consumer.ack(got.batch_id)
     except FeedClosed:
         pass
@@ -265,7 +279,7 @@ def test_a_failed_batch_clears_the_cache_and_the_retry_is_exact(failure, ray_add
     users = np.unique(frame["user_id"].to_numpy())
     assert_same(read_store(tmp_path / "feast", max_len, users), expected_batch(frame, max_len, users),
                 f"after a failure ({failure}) and its retry")
-    assert sum(num_new) == len(frame), "every event must reach the feed as a target exactly once"
+    assert targets == frame_targets(frame), "every event must reach the feed as a target exactly once"
 
 
 # --- crash recovery -------------------------------------------------------------------------------
@@ -510,17 +524,17 @@ def test_training_feed_backpressure_acks_and_commits(ray_address, tmp_path):
     time.sleep(2)  # the job waits: nothing more is read while two batches are unacknowledged
     assert job.feed.stats()["held"] == 2 and job.summary.batches == 2
     assert offsets.committed([0, 1]) == {}, "offsets were committed before any acknowledgement"
-    num_new, batches = [int(pa.compute.sum(first.examples.column("num_new")).as_py())], [first]
+    batches, seen_by_evaluator = [first], []
     trainer.ack(first.batch_id)
     assert offsets.committed([0, 1]) == {}, "committed before the second consumer acknowledged"
     try:
         while True:  # until the job, idle and fully committed, closes the feed
             got = evaluator.next(timeout_s=2)
             if got is not None:
+                seen_by_evaluator.append(got)
                 evaluator.ack(got.batch_id)
             b = trainer.next(timeout_s=2)
             if b is not None:
-                num_new.append(int(pa.compute.sum(b.examples.column("num_new")).as_py()))
                 batches.append(b)
                 trainer.ack(b.batch_id)
     except FeedClosed:
@@ -528,8 +542,11 @@ def test_training_feed_backpressure_acks_and_commits(ray_address, tmp_path):
     runner.join(timeout=60)
     summary = result["summary"]
     assert summary.stopped_by == "idle" and summary.valid_events == 3_000
-    # Without truncation every event is a training target exactly once.
-    assert sum(num_new) == 3_000 and summary.examples == sum(b.examples.num_rows for b in batches)
+    # Without truncation every event is a training target exactly once, for each consumer.
+    assert summary.examples == sum(b.examples.num_rows for b in batches)
+    assert sum(map(feed_targets, (b.examples for b in batches)), Counter()) == frame_targets(frame)
+    assert [b.batch_id for b in seen_by_evaluator] == [b.batch_id for b in batches]
+    assert all(e.examples.equals(b.examples) for e, b in zip(seen_by_evaluator, batches))
     ends = {int(p): int(o) + 1 for p, o in frame.groupby("partition")["offset"].max().items()}
     assert offsets.committed([0, 1]) == ends
 
