@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from infra.paths import state_dir  # noqa: E402
 from kernels.hstu_attention import hstu_attention  # noqa: E402
 from kernels.sampled_softmax import sampled_softmax_loss  # noqa: E402
 
@@ -377,8 +378,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loss-negatives", type=int, default=128)
     parser.add_argument("--loss-dim", type=int, default=64)
     parser.add_argument("--loss-vocab", type=int, default=100_000)
-    parser.add_argument("--plot", type=Path, default=Path(__file__).with_name("kernels_hstu.png"))
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="PNG path (default .state/benchmarks/kernels_hstu.png; the committed "
+                             "benchmarks/kernels_hstu.png is the H100 run in RESULTS.md)")
     args = parser.parse_args(argv)
+    if args.plot is None:
+        args.plot = state_dir("benchmarks") / "kernels_hstu.png"
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device == "cuda"
