@@ -23,7 +23,9 @@ then the ratios the quality targets are stated in (HSTU / SASRec NDCG@10 per dat
 HSTU-large / HSTU). With `--seeds`, every (dataset, model) is trained once per seed, and the
 summary gives the mean and sd of test NDCG@10 over the seeds and the ratios of the means beside
 the per-seed (paired) ratios: one ML-100K NDCG@10 has a standard error of about 0.008 (943 test
-users), the size of the gaps the targets are about.
+users), the size of the gaps the targets are about. Each ratio line also carries its 95% interval
+over resampled test users (`test_users_ci95`, paired bootstrap; the uncertainty of which users
+happen to be in the test set, which seeds do not average away) and the same ratio on validation.
 Run folders (metrics.json, curves.png, checkpoints) go under `--out`
 (default `.state/benchmarks/quality`).
 """
@@ -45,6 +47,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/quality.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infra.paths import REPO_ROOT, state_dir  # noqa: E402
+from trainer.metrics import ndcg_per_user, paired_bootstrap_ratio  # noqa: E402
 
 MODELS = ("hstu", "hstu-large", "sasrec")
 # The public reference implementation (meta-recsys/generative-recommenders, research trainer, its
@@ -151,6 +154,24 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
 
 
+def users_interval(top_runs: list[dict], bottom_runs: list[dict]) -> dict:
+    """The 95% interval of a ratio of test NDCG@10 means over resampled test users (paired: the
+    same users for both models; each user's NDCG@10 averaged over the seeds first), and the same
+    ratio on validation. Empty when a run's metrics.json has no per-user ranks."""
+    if not all("ranks_at_best_epoch" in r for r in (*top_runs, *bottom_runs)):
+        return {}
+    out: dict = {}
+    for split in ("test", "valid"):
+        top = np.mean([ndcg_per_user(r["ranks_at_best_epoch"][split]) for r in top_runs], axis=0)
+        bottom = np.mean([ndcg_per_user(r["ranks_at_best_epoch"][split]) for r in bottom_runs], axis=0)
+        ci = paired_bootstrap_ratio(top, bottom)
+        if split == "test":
+            out.update(test_users_ci95=[ci["low"], ci["high"]], test_users_p_le_1=ci["p_le_1"], users=ci["users"])
+        else:
+            out.update(valid_ratio=ci["ratio"], valid_users_ci95=[ci["low"], ci["high"]])
+    return out
+
+
 def summary_lines(
     results: dict[tuple[str, str, int | None], dict], *, datasets: list[str], models: list[str],
     seeds: list[int | None], epochs: int,
@@ -185,6 +206,9 @@ def summary_lines(
             if len(seeds) > 1:
                 paired_mean, paired_sd = mean_sd(paired)
                 line.update(n_seeds=len(seeds), per_seed=paired, per_seed_mean=paired_mean, per_seed_sd=paired_sd)
+            line.update(users_interval(
+                [results[(dataset, top, s)] for s in seeds], [results[(dataset, bottom, s)] for s in seeds]
+            ))
             lines.append(line)
     return lines
 

@@ -7,6 +7,7 @@ target) and ranks the held-out target. A target with no row of its own (never ad
 
     metrics = evaluate_retrieval(model, split.valid, max_seq_len=200)
     metrics["ndcg@10"], metrics["hr@10"], metrics["mrr"]
+    ranks = retrieval_ranks(model, split.test, max_seq_len=200)   # per user, for paired comparisons
 """
 
 from __future__ import annotations
@@ -21,22 +22,19 @@ from trainer.splits import EvalSet
 
 
 @torch.no_grad()
-def evaluate_retrieval(
-    model: HSTUModel,
-    eval_set: EvalSet,
-    *,
-    max_seq_len: int,
-    batch_size: int = 256,
-    ks: tuple[int, ...] = (10, 50, 200),
-) -> dict[str, float]:
-    """HR@K, NDCG@K (each K in `ks`) and MRR of `model` on `eval_set`."""
+def retrieval_ranks(model: HSTUModel, eval_set: EvalSet, *, max_seq_len: int, batch_size: int = 256) -> np.ndarray:
+    """Each user's 0-based rank of the held-out target among all live items (history removed).
+
+    One int64 per user, in `eval_set` order; a target with no live row gets the number of rows
+    (a miss at every cut-off). `evaluate_retrieval` is these ranks through `RankingMetrics`.
+    """
     was_training = model.training
     model.eval()
-    metrics = RankingMetrics(ks=ks)
     history = eval_set.history
     device = model.device
     all_users = np.arange(history.num_users)
     longest = int(history.lengths.max()) if history.num_users else 0
+    out: list[torch.Tensor] = []
     try:
         for start in range(0, history.num_users, batch_size):
             users = all_users[start : start + batch_size]
@@ -52,8 +50,27 @@ def evaluate_retrieval(
             seen = model.table.lookup(full.item_ids).to(device)
             scores = exclude_history(scores, seen, full.offsets.to(device), targets)
             ranks = ranks_from_scores(scores, targets)
-            ranks = torch.where(alive, ranks, torch.full_like(ranks, scores.shape[1]))
-            metrics.update(ranks)
+            out.append(torch.where(alive, ranks, torch.full_like(ranks, scores.shape[1])).cpu())
     finally:
         model.train(was_training)
+    return torch.cat(out).numpy().astype(np.int64) if out else np.zeros(0, np.int64)
+
+
+def evaluate_retrieval(
+    model: HSTUModel,
+    eval_set: EvalSet,
+    *,
+    max_seq_len: int,
+    batch_size: int = 256,
+    ks: tuple[int, ...] = (10, 50, 200),
+) -> dict[str, float]:
+    """HR@K, NDCG@K (each K in `ks`) and MRR of `model` on `eval_set`."""
+    return metrics_from_ranks(retrieval_ranks(model, eval_set, max_seq_len=max_seq_len, batch_size=batch_size), ks=ks)
+
+
+def metrics_from_ranks(ranks: np.ndarray, *, ks: tuple[int, ...] = (10, 50, 200)) -> dict[str, float]:
+    """HR@K, NDCG@K and MRR of per-user ranks (as `retrieval_ranks` gives them)."""
+    metrics = RankingMetrics(ks=ks)
+    if len(ranks):  # none: compute() says so
+        metrics.update(torch.as_tensor(np.asarray(ranks, dtype=np.int64)))
     return metrics.compute()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -76,3 +77,39 @@ class RankingMetrics:
         out["mrr"] = (1.0 / (ranks + 1.0)).mean().item()
         out["count"] = float(ranks.numel())
         return out
+
+
+def ndcg_per_user(ranks: np.ndarray, k: int = 10) -> np.ndarray:
+    """Each user's NDCG@k from its 0-based target rank (one relevant item per user)."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
+def paired_bootstrap_ratio(
+    top: np.ndarray, bottom: np.ndarray, *, resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict[str, float]:
+    """Ratio of means `top.mean() / bottom.mean()` of two per-user metrics on the same users, with a
+    percentile interval from resampling the users (the same users for both: paired).
+
+    It is the uncertainty that comes from which users happen to be in the evaluation set, the one
+    seeds cannot average away; `p_le_1` is the share of resamples where the ratio is <= 1.
+    """
+    top = np.asarray(top, dtype=np.float64)
+    bottom = np.asarray(bottom, dtype=np.float64)
+    if top.shape != bottom.shape or top.ndim != 1 or top.size == 0:
+        raise ValueError(f"need two non-empty 1-D per-user arrays of one shape, got {top.shape} and {bottom.shape}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level ({level}) must lie in (0, 1)")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, top.size, size=(resamples, top.size))
+    ratios = top[idx].mean(axis=1) / np.maximum(bottom[idx].mean(axis=1), 1e-12)
+    tail = (1.0 - level) / 2.0 * 100.0
+    return {
+        "ratio": float(top.mean() / max(bottom.mean(), 1e-12)),
+        "low": float(np.percentile(ratios, tail)),
+        "high": float(np.percentile(ratios, 100.0 - tail)),
+        "p_le_1": float((ratios <= 1.0).mean()),
+        "level": level,
+        "users": int(top.size),
+        "resamples": resamples,
+    }

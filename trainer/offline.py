@@ -39,7 +39,7 @@ from trainer.batching import iterate_batches
 from trainer.checkpoint import load_into, save_checkpoint
 from trainer.config import to_dict
 from trainer.embedding_table import DynamicEmbeddingTable, TableConfig
-from trainer.evaluate import evaluate_retrieval
+from trainer.evaluate import evaluate_retrieval, metrics_from_ranks, retrieval_ranks
 from trainer.losses import GenerativeLoss, LossConfig, target_index
 from trainer.model import HSTUModel, ModelConfig, build_model
 from trainer.splits import LeaveOneOutSplit, leave_one_out, sequences_from_frame
@@ -250,9 +250,14 @@ def run_offline(
     if config.train.save_checkpoints:
         save_checkpoint(out_dir / "last.safetensors", model=model, optimizer=optimizer, progress={"epoch": last_epoch})
     load_into(best_path, model=model)
-    test = evaluate_retrieval(
-        model, split.test, max_seq_len=config.model.max_seq_len, batch_size=config.train.eval_batch_size
-    )
+    # Per-user ranks at the chosen epoch, so a comparison of two runs can resample the users.
+    ranks = {
+        name: retrieval_ranks(
+            model, eval_set, max_seq_len=config.model.max_seq_len, batch_size=config.train.eval_batch_size
+        )
+        for name, eval_set in (("valid", split.valid), ("test", split.test))
+    }
+    test = metrics_from_ranks(ranks["test"])
     if not config.train.save_checkpoints:
         best_path.unlink(missing_ok=True)
     train_seconds = [h["seconds"] for h in history]
@@ -268,6 +273,7 @@ def run_offline(
         "test": test,
         "last_epoch": last_epoch,
         "test_last_epoch": test_last,
+        "ranks_at_best_epoch": {name: r.tolist() for name, r in ranks.items()},
         "seconds_per_epoch_median": statistics.median(train_seconds),
         "seconds_per_epoch_mean": statistics.fmean(train_seconds),
         "tokens_per_s_median": statistics.median(h["tokens_per_s"] for h in history),

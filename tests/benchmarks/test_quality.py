@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 QUALITY = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
@@ -67,3 +68,29 @@ def test_repeated_seeds_are_refused(quality, capsys, tmp_path):
     assert exc.value.code == 2
     assert "--seeds must be distinct" in capsys.readouterr().err
     assert not (tmp_path / "never-created").exists()  # refused before anything is written
+
+
+def test_ratio_lines_carry_the_users_interval_when_runs_have_ranks(quality):
+    """With per-user ranks in every run, each ratio line gets its paired bootstrap interval over users."""
+    def run(test_ranks, valid_ranks):
+        ndcg = float(np.where(np.array(test_ranks) < 10, 1 / np.log2(np.array(test_ranks) + 2.0), 0).mean())
+        return {"test": {"ndcg@10": ndcg}, "ranks_at_best_epoch": {"test": test_ranks, "valid": valid_ranks}}
+
+    hstu = [0, 1, 3, 20, 0, 2, 50, 4] * 25  # 200 users
+    sasrec = [1, 1, 5, 20, 2, 2, 50, 9] * 25
+    results = {
+        ("ml-100k", "hstu", 1): run(hstu, sasrec), ("ml-100k", "sasrec", 1): run(sasrec, hstu),
+        ("ml-100k", "hstu", 2): run(hstu, sasrec), ("ml-100k", "sasrec", 2): run(sasrec, hstu),
+    }
+    lines = quality.summary_lines(results, datasets=["ml-100k"], models=["hstu", "sasrec"], seeds=[1, 2], epochs=5)
+    ratio = next(ln for ln in lines if ln["metric"] == "hstu_over_sasrec_ndcg@10")
+    low, high = ratio["test_users_ci95"]
+    assert low < ratio["value"] < high and ratio["users"] == 200
+    assert low > 1.0 and ratio["test_users_p_le_1"] == 0.0  # HSTU ranks every user at least as well
+    assert ratio["valid_ratio"] == pytest.approx(1 / ratio["value"])  # the validation ranks are swapped
+    assert ratio["valid_users_ci95"][1] < 1.0
+    # a run without ranks (older metrics.json): no interval, the ratio still printed
+    del results[("ml-100k", "hstu", 2)]["ranks_at_best_epoch"]
+    lines = quality.summary_lines(results, datasets=["ml-100k"], models=["hstu", "sasrec"], seeds=[1, 2], epochs=5)
+    ratio = next(ln for ln in lines if ln["metric"] == "hstu_over_sasrec_ndcg@10")
+    assert "test_users_ci95" not in ratio and ratio["value"] > 1.0

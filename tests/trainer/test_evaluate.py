@@ -1,13 +1,14 @@
-"""trainer/evaluate.py: full-ranking evaluation asks for each target at the target's own time."""
+"""trainer/evaluate.py: full-ranking evaluation asks for each target at the target's own time, per-user ranks."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
-from trainer.evaluate import evaluate_retrieval
+from trainer.evaluate import evaluate_retrieval, metrics_from_ranks, retrieval_ranks
 from trainer.model import ModelConfig, build_model
-from trainer.splits import UserSequences, leave_one_out
+from trainer.splits import EvalSet, UserSequences, leave_one_out, select_users
 
 
 def test_request_time_is_the_targets_time(monkeypatch) -> None:
@@ -47,3 +48,38 @@ def test_request_time_is_the_targets_time(monkeypatch) -> None:
     at_target = real(rows, acts, ts, offsets, torch.from_numpy(split.test.target_timestamps))
     much_later = real(rows, acts, ts, offsets, torch.from_numpy(split.test.target_timestamps) + 10_000_000)
     assert not torch.allclose(at_target, much_later, atol=1e-6)
+
+
+def test_ranks_per_user_give_the_metrics() -> None:
+    """retrieval_ranks is one rank per user, in order, and evaluate_retrieval is exactly those ranks."""
+    lengths = [6, 9, 4, 5, 8]
+    n = sum(lengths)
+    rng = np.random.default_rng(3)
+    seqs = UserSequences(
+        user_ids=np.arange(5, dtype=np.int64),
+        offsets=np.r_[0, np.cumsum(lengths)].astype(np.int64),
+        item_ids=rng.integers(1, 20, n).astype(np.int64),
+        actions=np.zeros(n, dtype=np.int64),
+        timestamps=(np.arange(n) * 60).astype(np.int64),
+    )
+    split = leave_one_out(seqs)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(dim=16, qk_dim=8, v_dim=8, max_seq_len=10, num_time_buckets=16), capacity=32)
+    model.table.observe(torch.arange(1, 20), now=0.0)
+    ranks = retrieval_ranks(model, split.test, max_seq_len=10, batch_size=2)
+    assert ranks.dtype == np.int64 and ranks.shape == (5,)
+    # user by user, alone in its batch: the same rank as in a batch of two
+    for u in range(5):
+        one = EvalSet(
+            history=select_users(split.test.history, np.array([u])),
+            targets=split.test.targets[u : u + 1],
+            target_actions=split.test.target_actions[u : u + 1],
+            target_timestamps=split.test.target_timestamps[u : u + 1],
+        )
+        assert retrieval_ranks(model, one, max_seq_len=10).tolist() == [ranks[u]]
+    # the rank counts the live items that score at least as high, outside the user's history
+    live = int(model.table.live_mask().sum())
+    assert ((ranks >= 0) & (ranks < live)).all()
+    assert evaluate_retrieval(model, split.test, max_seq_len=10) == metrics_from_ranks(ranks)
+    with pytest.raises(ValueError, match="no ranks recorded"):
+        metrics_from_ranks(np.zeros(0, np.int64))

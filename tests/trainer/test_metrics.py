@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from trainer.metrics import RankingMetrics, exclude_history, ranks_from_scores
+from trainer.metrics import RankingMetrics, exclude_history, ndcg_per_user, paired_bootstrap_ratio, ranks_from_scores
 
 
 def test_ranks_count_ties_against_the_target() -> None:
@@ -46,3 +47,35 @@ def test_metrics_errors() -> None:
         RankingMetrics().compute()
     with pytest.raises(ValueError, match=r"ks \(\(0,\)\)"):
         RankingMetrics(ks=(0,))
+
+
+def test_ndcg_per_user_hand_computed() -> None:
+    got = ndcg_per_user(np.array([0, 2, 9, 10, 500]), k=10)
+    assert got.tolist() == pytest.approx([1.0, 0.5, 1 / math.log2(11), 0.0, 0.0])
+
+
+def test_paired_bootstrap_ratio_on_known_cases() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.random(400)
+    same = paired_bootstrap_ratio(base, base)
+    assert same["ratio"] == 1.0 and same["low"] == pytest.approx(1.0) and same["high"] == pytest.approx(1.0)
+    assert same["p_le_1"] == 1.0  # every resample has ratio exactly 1
+    double = paired_bootstrap_ratio(2 * base, base)
+    assert (double["low"], double["high"]) == (pytest.approx(2.0), pytest.approx(2.0)) and double["p_le_1"] == 0.0
+    # independent noise: the interval holds the ratio, has a width, and narrows with 4x the users
+    small = paired_bootstrap_ratio(rng.random(400) * 1.1, rng.random(400))
+    big = paired_bootstrap_ratio(rng.random(1600) * 1.1, rng.random(1600))
+    for ci in (small, big):
+        assert ci["low"] < ci["ratio"] < ci["high"] and ci["users"] in (400, 1600)
+    assert (big["high"] - big["low"]) < 0.7 * (small["high"] - small["low"])  # ~1/2 for 4x the users
+    # the same seed, the same interval
+    assert paired_bootstrap_ratio(base + 0.1, base, seed=5) == paired_bootstrap_ratio(base + 0.1, base, seed=5)
+
+
+def test_paired_bootstrap_ratio_refuses_bad_input() -> None:
+    with pytest.raises(ValueError, match="one shape"):
+        paired_bootstrap_ratio(np.ones(3), np.ones(4))
+    with pytest.raises(ValueError, match="non-empty"):
+        paired_bootstrap_ratio(np.ones(0), np.ones(0))
+    with pytest.raises(ValueError, match="level"):
+        paired_bootstrap_ratio(np.ones(3), np.ones(3), level=1.0)

@@ -12,6 +12,7 @@ import pytest
 
 from infra.paths import REPO_ROOT
 from trainer.config import ConfigError, load_config
+from trainer.evaluate import metrics_from_ranks
 from trainer.offline import OfflineConfig, run_offline
 from trainer.splits import leave_one_out, UserSequences
 
@@ -59,6 +60,11 @@ def test_tiny_training_run_learns(tmp_path: Path) -> None:
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["best_valid"]["ndcg@10"] == max(e["valid"]["ndcg@10"] for e in saved["epochs"])
+    # per-user ranks at the chosen epoch: one per user, and they are the reported figures
+    ranks = saved["ranks_at_best_epoch"]
+    assert len(ranks["test"]) == len(ranks["valid"]) == 64
+    assert metrics_from_ranks(ranks["test"]) == pytest.approx(saved["test"])
+    assert metrics_from_ranks(ranks["valid"]) == pytest.approx(saved["best_valid"])
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

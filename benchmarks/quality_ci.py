@@ -1,0 +1,109 @@
+"""How sure is a quality ratio? The paired bootstrap over users for runs already made.
+
+`benchmarks/quality.py` trains side by side and prints each target ratio (HSTU / SASRec test
+NDCG@10) with its 95% interval over resampled test users. This script gives the same figures for
+run folders that already exist (each holds `metrics.json` and `best.safetensors` from
+`trainer.offline_train`), so that older runs and runs of a hyper-parameter grid can be compared
+on the same footing:
+
+    python benchmarks/quality_ci.py --top RUNS/hstu-ml-100k-seed{1,2,3} \\
+        --bottom RUNS/sasrec-ml-100k-seed{1,2,3}
+
+The per-user ranks at the chosen epoch come from `metrics.json` when it has them
+(`ranks_at_best_epoch`, written since this script exists) and are otherwise recomputed from the
+best checkpoint on the run's dataset (`HSTU_SHARED_DATA` or `../shared/data`). Each user's NDCG@10
+is averaged over the runs of a side (the seeds), so the ratio is the ratio of the seed means; the
+users are then resampled, the same users for both sides. Prints one JSON line per split (test,
+valid): the ratio, its 95% interval, and the share of resamples in which it is <= 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as `python benchmarks/quality_ci.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.metrics import ndcg_per_user, paired_bootstrap_ratio  # noqa: E402
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_ranks(folder: Path, splits: dict) -> tuple[dict[str, np.ndarray], dict]:
+    """Per-user ranks {valid, test} at the run's chosen epoch, and its metrics.json."""
+    metrics_path = folder / "metrics.json"
+    if not metrics_path.exists():
+        raise SystemExit(f"{folder}: no metrics.json (not a finished trainer.offline_train run)")
+    metrics = json.loads(metrics_path.read_text())
+    if not metrics.get("complete"):
+        raise SystemExit(f"{folder}: the run did not finish (metrics.json says complete=false)")
+    if "ranks_at_best_epoch" in metrics:
+        return {k: np.asarray(v, dtype=np.int64) for k, v in metrics["ranks_at_best_epoch"].items()}, metrics
+    checkpoint = folder / "best.safetensors"
+    if not checkpoint.exists():
+        raise SystemExit(f"{folder}: metrics.json has no per-user ranks and there is no best.safetensors to recompute them")
+    import torch
+
+    from trainer.checkpoint import load_model
+    from trainer.evaluate import retrieval_ranks
+    from trainer.offline import DataConfig, load_split
+
+    torch.set_num_threads(1)
+    dataset = metrics["dataset"]
+    if dataset not in splits:
+        splits[dataset] = load_split(DataConfig(dataset=dataset, min_events=metrics["config"]["data"]["min_events"]))
+    split = splits[dataset]
+    model, _ = load_model(checkpoint)
+    max_len = metrics["config"]["model"]["max_seq_len"]
+    ranks = {name: retrieval_ranks(model, getattr(split, name), max_seq_len=max_len) for name in ("valid", "test")}
+    # The recomputed ranks must give the figure the run reported, or the checkpoint is not that run's.
+    got = float(ndcg_per_user(ranks["test"]).mean())
+    if abs(got - metrics["test"]["ndcg@10"]) > 1e-6:
+        raise SystemExit(f"{folder}: recomputed test NDCG@10 {got:.6f} != the run's {metrics['test']['ndcg@10']:.6f}")
+    log(f"[quality_ci] recomputed the ranks of {folder} from its best checkpoint")
+    return ranks, metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="paired bootstrap interval of a test NDCG@10 ratio over users")
+    parser.add_argument("--top", type=Path, nargs="+", required=True, help="run folders of the numerator (seeds)")
+    parser.add_argument("--bottom", type=Path, nargs="+", required=True, help="run folders of the denominator")
+    parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    splits: dict = {}
+    sides = {}
+    for side in ("top", "bottom"):
+        loaded = [run_ranks(folder, splits) for folder in getattr(args, side)]
+        datasets = {m["dataset"] for _, m in loaded}
+        names = {m["name"] for _, m in loaded}
+        if len(datasets) != 1:
+            raise SystemExit(f"--{side} runs are on more than one dataset: {sorted(datasets)}")
+        sides[side] = (loaded, datasets.pop(), "/".join(sorted(names)))
+    if sides["top"][1] != sides["bottom"][1]:
+        raise SystemExit(f"--top is on {sides['top'][1]}, --bottom on {sides['bottom'][1]}: not the same users")
+    for split in ("test", "valid"):
+        per_user = {
+            side: np.mean([ndcg_per_user(r[split]) for r, _ in loaded], axis=0)
+            for side, (loaded, _, _) in sides.items()
+        }
+        ci = paired_bootstrap_ratio(per_user["top"], per_user["bottom"], resamples=args.resamples, seed=args.seed)
+        print(json.dumps({
+            "metric": f"{sides['top'][2]}_over_{sides['bottom'][2]}_ndcg@10", "value": ci["ratio"], "unit": "ratio",
+            "split": split, "ci95": [ci["low"], ci["high"]], "p_le_1": ci["p_le_1"], "users": ci["users"],
+            "dataset": sides["top"][1], "runs_top": len(args.top), "runs_bottom": len(args.bottom),
+            "top_mean": float(per_user["top"].mean()), "bottom_mean": float(per_user["bottom"].mean()),
+            "resamples": ci["resamples"],
+        }), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
