@@ -14,7 +14,10 @@ The per-user ranks at the chosen epoch come from `metrics.json` when it has them
 best checkpoint on the run's dataset (`HSTU_SHARED_DATA` or `../shared/data`). Each user's NDCG@10
 is averaged over the runs of a side (the seeds), so the ratio is the ratio of the seed means; the
 users are then resampled, the same users for both sides. Prints one JSON line per split (test,
-valid): the ratio, its 95% interval, and the share of resamples in which it is <= 1.
+valid): the ratio, its 95% interval, and the share of resamples in which it is <= 1; then the
+validation ratio minus the test ratio, with its interval from resampling users with both their
+held-out events (does the comparison change from a user's second-to-last event to the last by
+more than the choice of users explains?).
 """
 
 from __future__ import annotations
@@ -89,20 +92,44 @@ def main(argv: list[str] | None = None) -> int:
         sides[side] = (loaded, datasets.pop(), "/".join(sorted(names)))
     if sides["top"][1] != sides["bottom"][1]:
         raise SystemExit(f"--top is on {sides['top'][1]}, --bottom on {sides['bottom'][1]}: not the same users")
-    for split in ("test", "valid"):
-        per_user = {
+    metric = f"{sides['top'][2]}_over_{sides['bottom'][2]}_ndcg@10"
+    per_user = {
+        split: {
             side: np.mean([ndcg_per_user(r[split]) for r, _ in loaded], axis=0)
             for side, (loaded, _, _) in sides.items()
         }
-        ci = paired_bootstrap_ratio(per_user["top"], per_user["bottom"], resamples=args.resamples, seed=args.seed)
+        for split in ("test", "valid")
+    }
+    context = {"dataset": sides["top"][1], "runs_top": len(args.top), "runs_bottom": len(args.bottom),
+               "resamples": args.resamples}
+    for split in ("test", "valid"):
+        top, bottom = per_user[split]["top"], per_user[split]["bottom"]
+        ci = paired_bootstrap_ratio(top, bottom, resamples=args.resamples, seed=args.seed)
         print(json.dumps({
-            "metric": f"{sides['top'][2]}_over_{sides['bottom'][2]}_ndcg@10", "value": ci["ratio"], "unit": "ratio",
-            "split": split, "ci95": [ci["low"], ci["high"]], "p_le_1": ci["p_le_1"], "users": ci["users"],
-            "dataset": sides["top"][1], "runs_top": len(args.top), "runs_bottom": len(args.bottom),
-            "top_mean": float(per_user["top"].mean()), "bottom_mean": float(per_user["bottom"].mean()),
-            "resamples": ci["resamples"],
+            "metric": metric, "value": ci["ratio"], "unit": "ratio", "split": split, "ci95": [ci["low"], ci["high"]],
+            "p_le_1": ci["p_le_1"], "users": ci["users"], "top_mean": float(top.mean()),
+            "bottom_mean": float(bottom.mean()), **context,
         }), flush=True)
+    swing, low, high, p_le_0 = valid_minus_test(per_user, resamples=args.resamples, seed=args.seed)
+    print(json.dumps({
+        "metric": f"{metric}_valid_minus_test", "value": swing, "unit": "ratio", "ci95": [low, high],
+        "p_le_0": p_le_0, **context,
+    }), flush=True)
     return 0
+
+
+def valid_minus_test(per_user: dict, *, resamples: int, seed: int) -> tuple[float, float, float, float]:
+    """The validation ratio minus the test ratio, with a 95% interval from resampling users with both
+    their events (validation and test together): does the comparison change from a user's
+    second-to-last event to the last by more than the choice of users explains?"""
+    def ratio(split: str, idx: np.ndarray | slice) -> np.ndarray:
+        return per_user[split]["top"][idx].mean(axis=-1) / np.maximum(per_user[split]["bottom"][idx].mean(axis=-1), 1e-12)
+
+    n = per_user["test"]["top"].size
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    swings = ratio("valid", idx) - ratio("test", idx)
+    point = float(ratio("valid", slice(None)) - ratio("test", slice(None)))
+    return point, float(np.percentile(swings, 2.5)), float(np.percentile(swings, 97.5)), float((swings <= 0).mean())
 
 
 if __name__ == "__main__":

@@ -36,7 +36,11 @@ def test_interval_from_stored_and_recomputed_ranks_agree(tmp_path: Path) -> None
     stored = ci("--top", str(tmp_path / "a"), "--bottom", str(tmp_path / "b"))
     assert stored.returncode == 0, stored.stderr
     lines = [json.loads(x) for x in stored.stdout.splitlines()]
-    assert [ln["split"] for ln in lines] == ["test", "valid"]
+    assert [ln.get("split") for ln in lines] == ["test", "valid", None]
+    swing = lines[2]
+    assert swing["metric"] == "hstu_over_hstu_ndcg@10_valid_minus_test"
+    assert swing["value"] == pytest.approx(lines[1]["value"] - lines[0]["value"])
+    assert swing["ci95"][0] <= swing["value"] <= swing["ci95"][1]
     test = lines[0]
     assert test["value"] == pytest.approx(a["test"]["ndcg@10"] / b["test"]["ndcg@10"])
     assert test["users"] == 943 and test["ci95"][0] <= test["value"] <= test["ci95"][1]
