@@ -57,7 +57,23 @@ def group_runs(folders: list[Path], key: str) -> dict[tuple[str, str], dict[floa
             raise RunFolderError(f"{folder}: a second run of {name} on {metrics['dataset']} at {key}={value}, seed {ident[3]}")
         seen.add(ident)
         groups[(name, metrics["dataset"])][value].append(metrics)
+    check_same_budget(groups, key)
     return groups
+
+
+def check_same_budget(groups: dict, key: str) -> None:
+    """On each dataset every (model, value) ran the same seeds and every model the same number of values."""
+    for dataset in sorted({d for _, d in groups}):
+        models = {m: by_value for (m, d), by_value in groups.items() if d == dataset}
+        seed_sets = {
+            (m, v): sorted(r["config"]["train"]["seed"] for r in runs) for m, by_value in models.items()
+            for v, runs in by_value.items()
+        }
+        if len({tuple(s) for s in seed_sets.values()}) != 1:
+            raise RunFolderError(f"{dataset}: not every (model, {key}) ran the same seeds: {seed_sets}")
+        counts = {m: len(by_value) for m, by_value in models.items()}
+        if len(set(counts.values())) != 1:
+            raise RunFolderError(f"{dataset}: the models tried different numbers of {key} values: {counts}")
 
 
 def summarise(groups: dict, key: str) -> list[dict]:

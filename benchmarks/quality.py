@@ -25,7 +25,8 @@ summary gives the mean and sd of test NDCG@10 over the seeds and the ratios of t
 the per-seed (paired) ratios: one ML-100K NDCG@10 has a standard error of about 0.008 (943 test
 users), the size of the gaps the targets are about. Each ratio line also carries its 95% interval
 over resampled test users (`test_users_ci95`, paired bootstrap; the uncertainty of which users
-happen to be in the test set, which seeds do not average away) and the same ratio on validation.
+happen to be in the test set, which seeds do not average away; it leaves out the seeds' spread)
+and the same ratio on validation (context only: the epoch was chosen on those users).
 Run folders (metrics.json, curves.png, checkpoints) go under `--out`
 (default `.state/benchmarks/quality`).
 """

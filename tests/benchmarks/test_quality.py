@@ -77,17 +77,23 @@ def test_ratio_lines_carry_the_users_interval_when_runs_have_ranks(quality):
         return {"test": {"ndcg@10": ndcg}, "ranks_at_best_epoch": {"test": test_ranks, "valid": valid_ranks}}
 
     hstu = [0, 1, 3, 20, 0, 2, 50, 4] * 25  # 200 users
+    hstu2 = [0, 0, 2, 20, 0, 1, 50, 3] * 25  # seed 2: better still
     sasrec = [1, 1, 5, 20, 2, 2, 50, 9] * 25
     results = {
         ("ml-100k", "hstu", 1): run(hstu, sasrec), ("ml-100k", "sasrec", 1): run(sasrec, hstu),
-        ("ml-100k", "hstu", 2): run(hstu, sasrec), ("ml-100k", "sasrec", 2): run(sasrec, hstu),
+        ("ml-100k", "hstu", 2): run(hstu2, sasrec), ("ml-100k", "sasrec", 2): run(sasrec, hstu),
     }
     lines = quality.summary_lines(results, datasets=["ml-100k"], models=["hstu", "sasrec"], seeds=[1, 2], epochs=5)
     ratio = next(ln for ln in lines if ln["metric"] == "hstu_over_sasrec_ndcg@10")
+    # each user's NDCG@10 is averaged over both seeds: the ratio is that of the seed means
+    hstu_mean = (results[("ml-100k", "hstu", 1)]["test"]["ndcg@10"] + results[("ml-100k", "hstu", 2)]["test"]["ndcg@10"]) / 2
+    assert ratio["value"] == pytest.approx(hstu_mean / results[("ml-100k", "sasrec", 1)]["test"]["ndcg@10"])
+    assert ratio["test_users_ci95"][0] < ratio["value"] < ratio["test_users_ci95"][1]
     low, high = ratio["test_users_ci95"]
     assert low < ratio["value"] < high and ratio["users"] == 200
     assert low > 1.0 and ratio["test_users_p_le_1"] == 0.0  # HSTU ranks every user at least as well
-    assert ratio["valid_ratio"] == pytest.approx(1 / ratio["value"])  # the validation ranks are swapped
+    sasrec_valid = (run(hstu, sasrec)["test"]["ndcg@10"])  # SASRec's validation ranks are HSTU's seed-1 test ranks
+    assert ratio["valid_ratio"] == pytest.approx(run(sasrec, hstu)["test"]["ndcg@10"] / sasrec_valid)
     assert ratio["valid_users_ci95"][1] < 1.0
     # a run without ranks (older metrics.json): no interval, the ratio still printed
     del results[("ml-100k", "hstu", 2)]["ranks_at_best_epoch"]

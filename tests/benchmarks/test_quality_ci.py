@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -54,10 +55,10 @@ def test_interval_from_stored_and_recomputed_ranks_agree(tmp_path: Path) -> None
     assert recomputed.returncode == 0, recomputed.stderr
     assert "recomputed the ranks" in recomputed.stderr
     assert recomputed.stdout == stored.stdout
-    # a checkpoint that is not the run's is caught by its test NDCG@10
+    # a checkpoint that is not the run's is caught by its test or validation NDCG@10
     shutil.copy(tmp_path / "b" / "best.safetensors", tmp_path / "old" / "best.safetensors")
     wrong = ci("--top", str(tmp_path / "old"), "--bottom", str(tmp_path / "b"))
-    assert wrong.returncode != 0 and "recomputed test NDCG@10" in wrong.stderr
+    assert wrong.returncode != 0 and re.search(r"recomputed (test|valid) NDCG@10 [\d.]+ != the run's", wrong.stderr)
 
 
 def test_refuses_unfinished_runs_and_mixed_datasets(tmp_path: Path) -> None:
@@ -67,11 +68,30 @@ def test_refuses_unfinished_runs_and_mixed_datasets(tmp_path: Path) -> None:
         return str(tmp_path / dirname)
 
     ranks = {"test": [0, 1], "valid": [1, 0]}
-    done_100k = folder("a", complete=True, dataset="ml-100k", name="hstu", ranks_at_best_epoch=ranks)
-    done_1m = folder("b", complete=True, dataset="ml-1m-subset", name="sasrec", ranks_at_best_epoch=ranks)
+
+    def config(dataset: str) -> dict:
+        return {"data": {"dataset": dataset, "min_events": 3}}
+
+    done_100k = folder("a", complete=True, dataset="ml-100k", name="hstu", ranks_at_best_epoch=ranks,
+                       config=config("ml-100k"))
+    done_1m = folder("b", complete=True, dataset="ml-1m-subset", name="sasrec", ranks_at_best_epoch=ranks,
+                     config=config("ml-1m-subset"))
+    other = folder("d", complete=True, dataset="ml-100k", name="sasrec", ranks_at_best_epoch=ranks,
+                   config=config("ml-100k"))
+    fewer_users = folder("e", complete=True, dataset="ml-100k", name="sasrec", config=config("ml-100k"),
+                         ranks_at_best_epoch={"test": [0], "valid": [1]})
     unfinished = folder("c", complete=False, dataset="ml-100k", name="sasrec")
+    assert ci("--top", done_100k, "--bottom", other).returncode == 0  # the well-formed pair passes
     out = ci("--top", done_100k, "--bottom", done_1m)
     assert out.returncode != 0 and "not the same users" in out.stderr
+    out = ci("--top", done_100k, "--bottom", fewer_users)
+    assert out.returncode != 0 and "different numbers of users" in out.stderr
+    out = ci("--top", done_100k, other, "--bottom", other)
+    assert out.returncode == 2 and "given twice" in out.stderr
+    out = ci("--top", done_100k, other, "--bottom", fewer_users)
+    assert out.returncode != 0 and "mixes models" in out.stderr
+    out = ci("--top", done_100k, "--bottom", other, "--resamples", "0")
+    assert out.returncode == 2 and "--resamples (0) must be >= 1" in out.stderr
     out = ci("--top", done_100k, "--bottom", unfinished)
     assert out.returncode != 0 and "did not finish" in out.stderr
     out = ci("--top", done_100k, "--bottom", str(tmp_path / "missing"))

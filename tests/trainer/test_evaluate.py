@@ -77,9 +77,24 @@ def test_ranks_per_user_give_the_metrics() -> None:
             target_timestamps=split.test.target_timestamps[u : u + 1],
         )
         assert retrieval_ranks(model, one, max_seq_len=10).tolist() == [ranks[u]]
-    # the rank counts the live items that score at least as high, outside the user's history
-    live = int(model.table.live_mask().sum())
-    assert ((ranks >= 0) & (ranks < live)).all()
+    # by hand for each user: the live items outside its history (the target kept) that score at
+    # least as high as the target, not counting the target itself
+    hist = split.test.history
+    for u in range(5):
+        items = hist.items_of(u)[-10:]
+        rows = model.table.lookup(torch.from_numpy(items))
+        sl = slice(hist.offsets[u], hist.offsets[u + 1])
+        ts = torch.from_numpy(hist.timestamps[sl][-10:])
+        acts = torch.from_numpy(hist.actions[sl][-10:])
+        with torch.no_grad():
+            model.eval()
+            scores = model.retrieval_scores(rows, acts, ts, torch.tensor([0, items.size]),
+                                            torch.from_numpy(split.test.target_timestamps[u : u + 1]))[0]
+        target = int(model.table.lookup(torch.from_numpy(split.test.targets[u : u + 1]))[0])
+        seen = set(model.table.lookup(torch.from_numpy(hist.items_of(u))).tolist()) - {target}
+        live = torch.nonzero(model.table.live_mask()).flatten().tolist()
+        expected = sum(1 for r in live if r != target and r not in seen and scores[r] >= scores[target])
+        assert ranks[u] == expected, (u, ranks[u], expected)
     assert evaluate_retrieval(model, split.test, max_seq_len=10) == metrics_from_ranks(ranks)
     with pytest.raises(ValueError, match="no ranks recorded"):
         metrics_from_ranks(np.zeros(0, np.int64))
