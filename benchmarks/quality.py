@@ -48,7 +48,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/quality.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infra.paths import REPO_ROOT, state_dir  # noqa: E402
-from trainer.metrics import ndcg_per_user, paired_bootstrap_ratio  # noqa: E402
+from trainer.metrics import mean_ndcg_per_user, paired_bootstrap_ratio  # noqa: E402
 
 MODELS = ("hstu", "hstu-large", "sasrec")
 # The public reference implementation (meta-recsys/generative-recommenders, research trainer, its
@@ -163,8 +163,8 @@ def users_interval(top_runs: list[dict], bottom_runs: list[dict]) -> dict:
         return {}
     out: dict = {}
     for split in ("test", "valid"):
-        top = np.mean([ndcg_per_user(r["ranks_at_best_epoch"][split]) for r in top_runs], axis=0)
-        bottom = np.mean([ndcg_per_user(r["ranks_at_best_epoch"][split]) for r in bottom_runs], axis=0)
+        top = mean_ndcg_per_user([r["ranks_at_best_epoch"][split] for r in top_runs])
+        bottom = mean_ndcg_per_user([r["ranks_at_best_epoch"][split] for r in bottom_runs])
         ci = paired_bootstrap_ratio(top, bottom)
         if split == "test":
             out.update(test_users_ci95=[ci["low"], ci["high"]], test_users_p_le_1=ci["p_le_1"], users=ci["users"])

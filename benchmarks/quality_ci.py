@@ -38,7 +38,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as `python benchmarks/quality_ci.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.metrics import ndcg_per_user, paired_bootstrap_ratio  # noqa: E402
+from trainer.metrics import mean_ndcg_per_user, ndcg_per_user, paired_bootstrap_ratio, resample_users  # noqa: E402
 
 
 # How far a recomputed NDCG@10 may be from the run's own figure (about one near-tie flipping).
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     metric = f"{sides['top'][2]}_over_{sides['bottom'][2]}_ndcg@10"
     per_user = {
         split: {
-            side: np.mean([ndcg_per_user(r[split]) for r, _ in loaded], axis=0)
+            side: mean_ndcg_per_user([r[split] for r, _ in loaded])
             for side, (loaded, _, _) in sides.items()
         }
         for split in ("test", "valid")
@@ -149,7 +149,7 @@ def valid_minus_test(per_user: dict, *, resamples: int, seed: int) -> tuple[floa
         return per_user[split]["top"][idx].mean(axis=-1) / np.maximum(per_user[split]["bottom"][idx].mean(axis=-1), 1e-12)
 
     n = per_user["test"]["top"].size
-    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    idx = resample_users(n, resamples=resamples, seed=seed)
     swings = ratio("valid", idx) - ratio("test", idx)
     point = float(ratio("valid", slice(None)) - ratio("test", slice(None)))
     return point, float(np.percentile(swings, 2.5)), float(np.percentile(swings, 97.5)), float((swings <= 0).mean())

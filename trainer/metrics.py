@@ -85,6 +85,16 @@ def ndcg_per_user(ranks: np.ndarray, k: int = 10) -> np.ndarray:
     return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
 
 
+def mean_ndcg_per_user(ranks_per_run: list, k: int = 10) -> np.ndarray:
+    """Each user's NDCG@k averaged over runs (seeds) of one model; every run ranks the same users."""
+    return np.mean([ndcg_per_user(ranks, k) for ranks in ranks_per_run], axis=0)
+
+
+def resample_users(num_users: int, *, resamples: int, seed: int) -> np.ndarray:
+    """[resamples, num_users] user indices drawn with replacement: the bootstrap of the helpers here."""
+    return np.random.default_rng(seed).integers(0, num_users, size=(resamples, num_users))
+
+
 def paired_bootstrap_ratio(
     top: np.ndarray, bottom: np.ndarray, *, resamples: int = 2000, seed: int = 0, level: float = 0.95
 ) -> dict[str, float]:
@@ -100,8 +110,7 @@ def paired_bootstrap_ratio(
         raise ValueError(f"need two non-empty 1-D per-user arrays of one shape, got {top.shape} and {bottom.shape}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level ({level}) must lie in (0, 1)")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, top.size, size=(resamples, top.size))
+    idx = resample_users(top.size, resamples=resamples, seed=seed)
     ratios = top[idx].mean(axis=1) / np.maximum(bottom[idx].mean(axis=1), 1e-12)
     tail = (1.0 - level) / 2.0 * 100.0
     return {

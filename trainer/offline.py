@@ -217,14 +217,15 @@ def run_offline(
         )
         if epoch % config.train.eval_every == 0 or epoch == config.train.epochs:
             t0 = time.perf_counter()
-            valid = evaluate_retrieval(
+            valid_ranks = retrieval_ranks(
                 model, split.valid, max_seq_len=config.model.max_seq_len, batch_size=config.train.eval_batch_size
             )
+            valid = metrics_from_ranks(valid_ranks)
             record["valid"] = valid
             record["eval_seconds"] = time.perf_counter() - t0
             line += f" valid ndcg@10 {valid['ndcg@10']:.4f} hr@10 {valid['hr@10']:.4f}"
             if best["valid"] is None or valid["ndcg@10"] > best["valid"]["ndcg@10"]:
-                best = {"epoch": epoch, "valid": valid}
+                best = {"epoch": epoch, "valid": valid, "valid_ranks": valid_ranks}
                 evals_since_best = 0
                 save_checkpoint(best_path, model=model, progress={"epoch": epoch, "valid": valid})
                 line += " *"
@@ -252,10 +253,10 @@ def run_offline(
     load_into(best_path, model=model)
     # Per-user ranks at the chosen epoch, so a comparison of two runs can resample the users.
     ranks = {
-        name: retrieval_ranks(
-            model, eval_set, max_seq_len=config.model.max_seq_len, batch_size=config.train.eval_batch_size
-        )
-        for name, eval_set in (("valid", split.valid), ("test", split.test))
+        "valid": best["valid_ranks"],
+        "test": retrieval_ranks(
+            model, split.test, max_seq_len=config.model.max_seq_len, batch_size=config.train.eval_batch_size
+        ),
     }
     test = metrics_from_ranks(ranks["test"])
     if not config.train.save_checkpoints:
