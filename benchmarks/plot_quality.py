@@ -21,20 +21,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+if __package__ in (None, ""):  # run as `python benchmarks/plot_quality.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-class RunFolderError(ValueError):
-    """A folder that is not a finished offline_train run."""
+from benchmarks import run_folders  # noqa: E402
+from benchmarks.run_folders import RunFolderError  # noqa: E402
 
 
 def load_run(folder: Path) -> dict:
-    path = folder / "metrics.json"
-    if not path.is_file():
-        raise RunFolderError(f"{folder}: no metrics.json (not an offline_train run folder)")
-    metrics = json.loads(path.read_text())
-    missing = [k for k in ("config", "epochs", "best_epoch", "test", "dataset") if k not in metrics]
-    if missing:
-        raise RunFolderError(f"{path}: missing {missing} (an unfinished or foreign run)")
-    return metrics
+    return run_folders.load_run(folder, keys=("config", "epochs", "best_epoch", "test", "dataset"))
 
 
 def label(metrics: dict) -> str:

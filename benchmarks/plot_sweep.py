@@ -29,7 +29,8 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.plot_quality import RunFolderError, load_run  # noqa: E402
+from benchmarks.plot_quality import load_run  # noqa: E402
+from benchmarks.run_folders import RunFolderError  # noqa: E402
 
 
 def config_value(metrics: dict, key: str, folder: Path) -> float:
@@ -49,8 +50,6 @@ def group_runs(folders: list[Path], key: str) -> dict[tuple[str, str], dict[floa
     seen: set[tuple] = set()
     for folder in folders:
         metrics = load_run(folder)
-        if not metrics.get("complete"):
-            raise RunFolderError(f"{folder}: the run did not finish (complete is not true)")
         name, value = metrics["config"]["name"], config_value(metrics, key, folder)
         ident = (name, metrics["dataset"], value, metrics["config"]["train"]["seed"])
         if ident in seen:

@@ -38,6 +38,13 @@ import numpy as np
 if __package__ in (None, ""):  # run as `python benchmarks/quality_ci.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.run_folders import (  # noqa: E402
+    RunFolderError,
+    add_paired_arguments,
+    check_paired_arguments,
+    check_same_data,
+    load_run,
+)  # noqa: E402
 from trainer.metrics import mean_ndcg_per_user, ndcg_per_user, paired_bootstrap_ratio, resample_users  # noqa: E402
 
 
@@ -51,12 +58,10 @@ def log(message: str) -> None:
 
 def run_ranks(folder: Path, splits: dict) -> tuple[dict[str, np.ndarray], dict]:
     """Per-user ranks {valid, test} at the run's chosen epoch, and its metrics.json."""
-    metrics_path = folder / "metrics.json"
-    if not metrics_path.exists():
-        raise SystemExit(f"{folder}: no metrics.json (not a finished trainer.offline_train run)")
-    metrics = json.loads(metrics_path.read_text())
-    if not metrics.get("complete"):
-        raise SystemExit(f"{folder}: the run did not finish (metrics.json says complete=false)")
+    try:
+        metrics = load_run(folder, keys=("config", "dataset", "name"))
+    except RunFolderError as exc:
+        raise SystemExit(str(exc)) from None
     if "ranks_at_best_epoch" in metrics:
         return {k: np.asarray(v, dtype=np.int64) for k, v in metrics["ranks_at_best_epoch"].items()}, metrics
     checkpoint = folder / "best.safetensors"
@@ -89,16 +94,9 @@ def run_ranks(folder: Path, splits: dict) -> tuple[dict[str, np.ndarray], dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="paired bootstrap interval of a test NDCG@10 ratio over users")
-    parser.add_argument("--top", type=Path, nargs="+", required=True, help="run folders of the numerator (seeds)")
-    parser.add_argument("--bottom", type=Path, nargs="+", required=True, help="run folders of the denominator")
-    parser.add_argument("--resamples", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
+    add_paired_arguments(parser)
     args = parser.parse_args(argv)
-    if args.resamples < 1:
-        parser.error(f"--resamples ({args.resamples}) must be >= 1")
-    folders = [f.resolve() for f in (*args.top, *args.bottom)]
-    if len(set(folders)) != len(folders):
-        parser.error("a run folder is given twice (within or across --top and --bottom); each run counts once")
+    check_paired_arguments(parser, args)
     splits: dict = {}
     sides = {}
     for side in ("top", "bottom"):
@@ -109,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         sides[side] = (loaded, loaded[0][1]["dataset"], names.pop())
     # Users are paired by position: every run must be on the same data, hence the same users in order.
     all_runs = [m for loaded, _, _ in sides.values() for _, m in loaded]
-    datas = {json.dumps(m["config"]["data"], sort_keys=True) for m in all_runs}
-    if len(datas) != 1:
-        raise SystemExit(f"the runs differ in their data config ({sorted(datas)}): not the same users")
+    try:
+        check_same_data(all_runs)
+    except RunFolderError as exc:
+        raise SystemExit(str(exc)) from None
     sizes = {len(r[split]) for loaded, _, _ in sides.values() for r, _ in loaded for split in ("valid", "test")}
     if len(sizes) != 1:
         raise SystemExit(f"the runs rank different numbers of users ({sorted(sizes)}): not the same users")

@@ -18,22 +18,35 @@ import torch
 from trainer.batching import make_batch
 from trainer.metrics import RankingMetrics, exclude_history, ranks_from_scores
 from trainer.model import HSTUModel
-from trainer.splits import EvalSet
+from trainer.splits import EvalSet, UserSequences
 
 
 @torch.no_grad()
-def retrieval_ranks(model: HSTUModel, eval_set: EvalSet, *, max_seq_len: int, batch_size: int = 256) -> np.ndarray:
+def retrieval_ranks(
+    model: HSTUModel,
+    eval_set: EvalSet,
+    *,
+    max_seq_len: int,
+    batch_size: int = 256,
+    exclude: UserSequences | None = None,
+) -> np.ndarray:
     """Each user's 0-based rank of the held-out target among all live items (history removed).
 
     One int64 per user, in `eval_set` order; a target with no live row gets the number of rows
     (a miss at every cut-off). `evaluate_retrieval` is these ranks through `RankingMetrics`.
+    `exclude` (default: `eval_set.history`) holds the items removed from each user's ranking; a
+    diagnostic that encodes a shorter context than the user has seen passes the longer one here.
     """
+    if exclude is None:
+        exclude = eval_set.history
+    elif exclude.num_users != eval_set.history.num_users:
+        raise ValueError(f"exclude has {exclude.num_users} users, the eval set {eval_set.history.num_users}")
     was_training = model.training
     model.eval()
     history = eval_set.history
     device = model.device
     all_users = np.arange(history.num_users)
-    longest = int(history.lengths.max()) if history.num_users else 0
+    longest = int(exclude.lengths.max()) if exclude.num_users else 0
     out: list[torch.Tensor] = []
     try:
         for start in range(0, history.num_users, batch_size):
@@ -46,7 +59,7 @@ def retrieval_ranks(model: HSTUModel, eval_set: EvalSet, *, max_seq_len: int, ba
             )  # (B, num_rows)
             targets = model.table.lookup(torch.from_numpy(eval_set.targets[users])).to(device)
             alive = model.table.live_mask().to(device)[targets]
-            full = make_batch(history, users, max_len=max(longest, 1))  # whole history, for exclusion
+            full = make_batch(exclude, users, max_len=max(longest, 1))  # whole history, for exclusion
             seen = model.table.lookup(full.item_ids).to(device)
             scores = exclude_history(scores, seen, full.offsets.to(device), targets)
             ranks = ranks_from_scores(scores, targets)

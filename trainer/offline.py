@@ -42,7 +42,7 @@ from trainer.embedding_table import DynamicEmbeddingTable, TableConfig
 from trainer.evaluate import evaluate_retrieval, metrics_from_ranks, retrieval_ranks
 from trainer.losses import GenerativeLoss, LossConfig, target_index
 from trainer.model import HSTUModel, ModelConfig, build_model
-from trainer.splits import LeaveOneOutSplit, leave_one_out, sequences_from_frame
+from trainer.splits import EvalSet, LeaveOneOutSplit, leave_one_out, sequences_from_frame
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +66,9 @@ class TrainConfig:
     num_threads: int = 2
     device: str = "auto"  # auto: cuda when available, else cpu
     save_checkpoints: bool = True
+    # Diagnostic only, never used to choose the epoch: at every evaluation also rank test, and
+    # test from the training events alone; per-user ranks go to diagnostic_ranks.npz.
+    diagnostic_test_curve: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_every", "eval_batch_size", "num_threads"):
@@ -173,6 +176,26 @@ def train_epoch(
     return {"loss": mean_loss, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "steps": steps}
 
 
+def diagnostic_test_ranks(model: HSTUModel, split: LeaveOneOutSplit, config: OfflineConfig) -> dict[str, np.ndarray]:
+    """Per-user test ranks now, two ways; a diagnostic that never chooses the epoch.
+
+    test: the protocol's test, ranked from the training events plus the validation event.
+    test_without_valid: the same test target ranked from the training events alone (the context
+    validation is ranked from); the validation item stays out of the ranking, as in test.
+    """
+    kwargs = {"max_seq_len": config.model.max_seq_len, "batch_size": config.train.eval_batch_size}
+    without_valid = EvalSet(
+        history=split.valid.history,
+        targets=split.test.targets,
+        target_actions=split.test.target_actions,
+        target_timestamps=split.test.target_timestamps,
+    )
+    return {
+        "test": retrieval_ranks(model, split.test, **kwargs),
+        "test_without_valid": retrieval_ranks(model, without_valid, exclude=split.test.history, **kwargs),
+    }
+
+
 def run_offline(
     config: OfflineConfig,
     *,
@@ -205,6 +228,7 @@ def run_offline(
     best: dict[str, Any] = {"epoch": 0, "valid": None}
     evals_since_best = 0
     best_path = out_dir / "best.safetensors"
+    diagnostic_ranks: dict[str, list[Any]] = {"epoch": [], "valid": [], "test": [], "test_without_valid": []}
     bar = tqdm(
         total=config.train.epochs * steps_per_epoch, desc=config.name, unit="step", file=sys.stderr, disable=not progress
     )
@@ -231,6 +255,13 @@ def run_offline(
                 line += " *"
             else:
                 evals_since_best += 1
+            if config.train.diagnostic_test_curve:
+                diagnostic_ranks["epoch"].append(epoch)
+                diagnostic_ranks["valid"].append(valid_ranks)
+                for name, ranks_now in diagnostic_test_ranks(model, split, config).items():
+                    diagnostic_ranks[name].append(ranks_now)
+                    record[f"diagnostic_{name}"] = metrics_from_ranks(ranks_now)
+                np.savez_compressed(out_dir / "diagnostic_ranks.npz", **{k: np.asarray(v) for k, v in diagnostic_ranks.items()})
             bar.set_postfix(loss=f"{stats['loss']:.3f}", ndcg10=f"{valid['ndcg@10']:.4f}")
         history.append(record)
         # Progress on disk after every epoch, so an interrupted run still leaves its curves.

@@ -6,9 +6,22 @@ import numpy as np
 import pytest
 import torch
 
+from trainer.batching import make_batch
 from trainer.evaluate import evaluate_retrieval, metrics_from_ranks, retrieval_ranks
 from trainer.model import ModelConfig, build_model
 from trainer.splits import EvalSet, UserSequences, leave_one_out, select_users
+
+
+def minute_apart(lengths: list[int], items: np.ndarray) -> UserSequences:
+    """Users 0.. with `lengths` events of `items` (concatenated), one a minute, action 0."""
+    n = sum(lengths)
+    return UserSequences(
+        user_ids=np.arange(len(lengths), dtype=np.int64),
+        offsets=np.r_[0, np.cumsum(lengths)].astype(np.int64),
+        item_ids=np.asarray(items, dtype=np.int64),
+        actions=np.zeros(n, dtype=np.int64),
+        timestamps=(np.arange(n) * 60).astype(np.int64),
+    )
 
 
 def test_request_time_is_the_targets_time(monkeypatch) -> None:
@@ -53,16 +66,7 @@ def test_request_time_is_the_targets_time(monkeypatch) -> None:
 def test_ranks_per_user_give_the_metrics() -> None:
     """retrieval_ranks is one rank per user, in order, and evaluate_retrieval is exactly those ranks."""
     lengths = [6, 9, 4, 5, 8]
-    n = sum(lengths)
-    rng = np.random.default_rng(3)
-    seqs = UserSequences(
-        user_ids=np.arange(5, dtype=np.int64),
-        offsets=np.r_[0, np.cumsum(lengths)].astype(np.int64),
-        item_ids=rng.integers(1, 20, n).astype(np.int64),
-        actions=np.zeros(n, dtype=np.int64),
-        timestamps=(np.arange(n) * 60).astype(np.int64),
-    )
-    split = leave_one_out(seqs)
+    split = leave_one_out(minute_apart(lengths, np.random.default_rng(3).integers(1, 20, sum(lengths))))
     torch.manual_seed(0)
     model = build_model(ModelConfig(dim=16, qk_dim=8, v_dim=8, max_seq_len=10, num_time_buckets=16), capacity=32)
     model.table.observe(torch.arange(1, 20), now=0.0)
@@ -98,3 +102,33 @@ def test_ranks_per_user_give_the_metrics() -> None:
     assert evaluate_retrieval(model, split.test, max_seq_len=10) == metrics_from_ranks(ranks)
     with pytest.raises(ValueError, match="no ranks recorded"):
         metrics_from_ranks(np.zeros(0, np.int64))
+
+
+def test_exclude_removes_the_longer_history_from_the_ranking() -> None:
+    """A context shorter than what the user has seen: `exclude` decides which items leave the ranking."""
+    lengths = [6, 9, 5]
+    rng = np.random.default_rng(5)
+    items = np.concatenate([rng.permutation(np.arange(1, 20))[:k] for k in lengths])  # no item twice per user
+    split = leave_one_out(minute_apart(lengths, items))
+    torch.manual_seed(1)
+    model = build_model(ModelConfig(dim=16, qk_dim=8, v_dim=8, max_seq_len=10, num_time_buckets=16), capacity=32)
+    model.table.observe(torch.arange(1, 20), now=0.0)
+    # the test target ranked from the training events alone (the validation context)
+    short = EvalSet(history=split.valid.history, targets=split.test.targets,
+                    target_actions=split.test.target_actions, target_timestamps=split.test.target_timestamps)
+    plain = retrieval_ranks(model, short, max_seq_len=10)
+    without_valid_item = retrieval_ranks(model, short, max_seq_len=10, exclude=split.test.history)
+    # by hand: removing the validation item too lowers the rank by one exactly where it outscored the target
+    model.eval()
+    with torch.no_grad():
+        batch = make_batch(short.history, np.arange(3), max_len=10)
+        scores = model.retrieval_scores(
+            model.table.lookup(batch.item_ids), batch.actions, batch.timestamps, batch.offsets,
+            torch.from_numpy(short.target_timestamps),
+        )
+    rows = model.table.lookup(torch.from_numpy(split.valid.targets))
+    targets = model.table.lookup(torch.from_numpy(split.test.targets))
+    above = (scores[torch.arange(3), rows] >= scores[torch.arange(3), targets]).numpy()
+    assert (plain - without_valid_item).tolist() == above.astype(np.int64).tolist()
+    with pytest.raises(ValueError, match="exclude has 2 users"):
+        retrieval_ranks(model, short, max_seq_len=10, exclude=select_users(split.test.history, np.array([0, 1])))

@@ -101,3 +101,25 @@ def test_cli_rejects_bad_override(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "trainer.offline_train", "--config", "trainer/configs/hstu.yaml", "train.epoch=1"]
     done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "unknown key 'train.epoch'" in done.stderr
+
+
+def test_diagnostic_test_curve_never_chooses_the_epoch(tmp_path: Path) -> None:
+    """train.diagnostic_test_curve: test ranks at every evaluation, the chosen epoch's equal to the
+    reported test, and the choice itself the same as without the diagnostic."""
+    base = [*TINY, "name=tiny", "train.epochs=4"]
+    plain = run_offline(load_config(OfflineConfig, overrides=base), out_dir=tmp_path / "plain", progress=False,
+                        split=pattern_split())
+    config = load_config(OfflineConfig, overrides=[*base, "train.diagnostic_test_curve=true"])
+    results = run_offline(config, out_dir=tmp_path / "diag", progress=False, split=pattern_split())
+    assert results["best_epoch"] == plain["best_epoch"] and results["test"] == plain["test"]
+    with np.load(tmp_path / "diag" / "diagnostic_ranks.npz") as data:
+        curve = {k: data[k] for k in data}
+    assert curve["epoch"].tolist() == [1, 2, 3, 4]
+    assert all(curve[k].shape == (4, 64) for k in ("valid", "test", "test_without_valid"))
+    best = results["best_epoch"] - 1
+    assert curve["test"][best].tolist() == results["ranks_at_best_epoch"]["test"]
+    assert curve["valid"][best].tolist() == results["ranks_at_best_epoch"]["valid"]
+    for epoch, record in zip(curve["epoch"], results["epochs"]):
+        assert metrics_from_ranks(curve["test_without_valid"][epoch - 1]) == pytest.approx(
+            record["diagnostic_test_without_valid"])
+    assert not (tmp_path / "plain" / "diagnostic_ranks.npz").exists()
