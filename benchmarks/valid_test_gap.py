@@ -15,8 +15,9 @@ It prints the ratio top / bottom of NDCG@10 for each, with its 95% interval over
 
 - at each run's chosen epoch (best validation NDCG@10, as the protocol reports): this has the
   choice of the epoch on the validation users in it;
-- averaged over a window of epochs (`--from-epoch` to the end) with no choice made, so what is left
-  of the gap there does not come from choosing the epoch.
+- averaged over a window of epochs (`--from-epoch` to `--to-epoch`, default the last) with no
+  choice made, so what is left of the gap there does not come from choosing the epoch; these lines
+  also give the lowest and highest ratio of the seed means at any one epoch of the window.
 
 Then the differences, resampling users with all their events together:
 
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     add_paired_arguments(parser)
     parser.add_argument("--from-epoch", type=int, default=26,
                         help="first epoch of the window averaged with no choice (default 26: the last 3/4 of 101)")
+    parser.add_argument("--to-epoch", type=int, default=None, help="last epoch of that window (default: the last)")
     parser.add_argument("--png", type=Path, required=True)
     args = parser.parse_args(argv)
     check_paired_arguments(parser, args)
@@ -163,28 +165,35 @@ def main(argv: list[str] | None = None) -> int:
         users = {c[s].shape[1] for c in all_curves for s in SPLITS}
         if len(users) != 1:
             raise RunFolderError(f"the runs rank different numbers of users ({sorted(users)}): not the same users")
-        window = epochs[epochs >= args.from_epoch]
+        last = int(epochs[-1]) if args.to_epoch is None else args.to_epoch
+        window = epochs[(epochs >= args.from_epoch) & (epochs <= last)]
         if window.size == 0:
-            raise RunFolderError(f"no evaluation at or after epoch {args.from_epoch} (the last is {int(epochs[-1])})")
+            raise RunFolderError(f"no evaluation in epochs {args.from_epoch}-{last} (evaluated: {int(epochs[0])}-{int(epochs[-1])})")
     except RunFolderError as exc:
         parser.error(str(exc))
     metric = f"{top_name}_over_{bottom_name}_ndcg@10"
     context = {"dataset": top_runs[0]["dataset"], "runs_top": len(top_runs), "runs_bottom": len(bottom_runs),
                "resamples": args.resamples}
+    curves = ratio_curves((top_runs, top_curves), (bottom_runs, bottom_curves), epochs)
+    in_window = np.isin(epochs, window)
     for when, chosen in (("chosen_epoch", None), (f"epochs_{int(window[0])}-{int(window[-1])}", window)):
         top = per_user(top_runs, top_curves, epochs=chosen)
         bottom = per_user(bottom_runs, bottom_curves, epochs=chosen)
         for split in SPLITS:
             ci = paired_bootstrap_ratio(top[split], bottom[split], resamples=args.resamples, seed=args.seed)
+            # the window's spread of the per-epoch ratio (of the seed means), epoch by epoch
+            spread = {} if chosen is None else {
+                "per_epoch_min": float(curves[f"ratio_{split}"][in_window].min()),
+                "per_epoch_max": float(curves[f"ratio_{split}"][in_window].max()),
+            }
             print(json.dumps({"metric": metric, "value": ci["ratio"], "unit": "ratio", "split": split, "when": when,
                               "ci95": [ci["low"], ci["high"]], "p_le_1": ci["p_le_1"],
                               "top_mean": float(top[split].mean()), "bottom_mean": float(bottom[split].mean()),
-                              "users": ci["users"], **context}), flush=True)
+                              **spread, "users": ci["users"], **context}), flush=True)
         for a, b in DIFFERENCES:
             diff = difference(top, bottom, a, b, resamples=args.resamples, seed=args.seed)
             print(json.dumps({"metric": f"{metric}_{a}_minus_{b}", "value": diff["value"], "unit": "ratio",
                               "when": when, "ci95": diff["ci95"], "p_le_0": diff["p_le_0"], **context}), flush=True)
-    curves = ratio_curves((top_runs, top_curves), (bottom_runs, bottom_curves), epochs)
     plot(curves, epochs, (top_name, bottom_name), int(window[0]), args.png)
     print(f"[valid_test_gap] wrote {args.png}", file=sys.stderr)
     return 0

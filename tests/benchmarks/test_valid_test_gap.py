@@ -70,6 +70,15 @@ def test_ratios_and_differences_match_a_hand_computation(runs: dict, tmp_path: P
         for a, b in (("valid", "test"), ("valid", "test_without_valid"), ("test_without_valid", "test")):
             line = figures[(f"tiny_over_slow_ndcg@10_{a}_minus_{b}", None, when)]
             assert line["value"] == pytest.approx(ratio[a] - ratio[b])
+    done = gap("--top", *map(str, runs["top"]), "--bottom", *map(str, runs["bottom"]), "--from-epoch", "2",
+               "--to-epoch", "3", "--png", str(png), "--resamples", "50")
+    window = {(line["metric"], line.get("split")): line for line in map(json.loads, done.stdout.splitlines())
+              if line["when"] == "epochs_2-3"}
+    top, bottom = by_hand(runs["top"], "test", [2, 3]), by_hand(runs["bottom"], "test", [2, 3])
+    assert window[("tiny_over_slow_ndcg@10", "test")]["value"] == pytest.approx(top.mean() / bottom.mean())
+    per_epoch = [by_hand(runs["top"], "test", [e]).mean() / by_hand(runs["bottom"], "test", [e]).mean() for e in (2, 3)]
+    assert window[("tiny_over_slow_ndcg@10", "test")]["per_epoch_max"] == pytest.approx(max(per_epoch))
+    assert window[("tiny_over_slow_ndcg@10", "test")]["per_epoch_min"] == pytest.approx(min(per_epoch))
     # at the chosen epoch, valid and test are the figures the runs reported themselves
     for side, folders in (("top", runs["top"]), ("bottom", runs["bottom"])):
         reported = [json.loads((f / "metrics.json").read_text()) for f in folders]
@@ -83,7 +92,7 @@ def test_refuses_runs_without_the_diagnostic_and_a_window_past_the_end(runs: dic
     done = gap("--top", *map(str, runs["top"]), "--bottom", *map(str, runs["plain"]), "--png", png)
     assert done.returncode == 2 and "no diagnostic_ranks.npz" in done.stderr
     done = gap("--top", *map(str, runs["top"]), "--bottom", *map(str, runs["bottom"]), "--from-epoch", "9", "--png", png)
-    assert done.returncode == 2 and "no evaluation at or after epoch 9" in done.stderr
+    assert done.returncode == 2 and "no evaluation in epochs 9-4 (evaluated: 1-4)" in done.stderr
     done = gap("--top", str(runs["top"][0]), str(runs["bottom"][0]), "--bottom", str(runs["bottom"][1]), "--png", png)
     assert done.returncode == 2 and "mixes models" in done.stderr
     done = gap("--top", str(runs["top"][0]), "--bottom", str(runs["top"][0]), "--png", png)
