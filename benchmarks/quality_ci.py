@@ -45,7 +45,12 @@ from benchmarks.run_folders import (  # noqa: E402
     check_same_data,
     load_run,
 )  # noqa: E402
-from trainer.metrics import mean_ndcg_per_user, ndcg_per_user, paired_bootstrap_ratio, resample_users  # noqa: E402
+from trainer.metrics import (  # noqa: E402
+    mean_ndcg_per_user,
+    ndcg_per_user,
+    paired_bootstrap_ratio,
+    paired_bootstrap_ratio_difference,
+)
 
 
 # How far a recomputed NDCG@10 may be from the run's own figure (about one near-tie flipping).
@@ -132,26 +137,17 @@ def main(argv: list[str] | None = None) -> int:
             "p_le_1": ci["p_le_1"], "users": ci["users"], "top_mean": float(top.mean()),
             "bottom_mean": float(bottom.mean()), **context,
         }), flush=True)
-    swing, low, high, p_le_0 = valid_minus_test(per_user, resamples=args.resamples, seed=args.seed)
+    # Does the comparison change from a user's second-to-last event to the last by more than the
+    # choice of users explains? Users are resampled with both their events.
+    swing = paired_bootstrap_ratio_difference(
+        (per_user["valid"]["top"], per_user["valid"]["bottom"]), (per_user["test"]["top"], per_user["test"]["bottom"]),
+        resamples=args.resamples, seed=args.seed,
+    )
     print(json.dumps({
-        "metric": f"{metric}_valid_minus_test", "value": swing, "unit": "ratio", "ci95": [low, high],
-        "p_le_0": p_le_0, **context,
+        "metric": f"{metric}_valid_minus_test", "value": swing["value"], "unit": "ratio",
+        "ci95": [swing["low"], swing["high"]], "p_le_0": swing["p_le_0"], **context,
     }), flush=True)
     return 0
-
-
-def valid_minus_test(per_user: dict, *, resamples: int, seed: int) -> tuple[float, float, float, float]:
-    """The validation ratio minus the test ratio, with a 95% interval from resampling users with both
-    their events (validation and test together): does the comparison change from a user's
-    second-to-last event to the last by more than the choice of users explains?"""
-    def ratio(split: str, idx: np.ndarray | slice) -> np.ndarray:
-        return per_user[split]["top"][idx].mean(axis=-1) / np.maximum(per_user[split]["bottom"][idx].mean(axis=-1), 1e-12)
-
-    n = per_user["test"]["top"].size
-    idx = resample_users(n, resamples=resamples, seed=seed)
-    swings = ratio("valid", idx) - ratio("test", idx)
-    point = float(ratio("valid", slice(None)) - ratio("test", slice(None)))
-    return point, float(np.percentile(swings, 2.5)), float(np.percentile(swings, 97.5)), float((swings <= 0).mean())
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ It prints the ratio top / bottom of NDCG@10 for each, with its 95% interval over
 Then the differences, resampling users with all their events together:
 
 - valid - test: the gap itself;
-- valid - test_without_valid: same context, a different target (the events differ);
+- valid - test_without_valid: same context, a different target (the events differ; so do the
+  candidates, by one item each way: the test item competes in the first, the validation item is
+  left out of the second);
 - test_without_valid - test: same target, with or without the validation event in the context.
 
     python benchmarks/valid_test_gap.py --top RUNS/hstu-ml-100k-seed{1,2,3} \\
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -56,29 +59,47 @@ from benchmarks.run_folders import (  # noqa: E402
     check_same_data,
     load_run,
 )
-from trainer.metrics import ndcg_per_user, paired_bootstrap_ratio, resample_users  # noqa: E402
+from trainer.metrics import ndcg_per_user, paired_bootstrap_ratio, paired_bootstrap_ratio_difference  # noqa: E402
 
 SPLITS = ("valid", "test", "test_without_valid")
 DIFFERENCES = (("valid", "test"), ("valid", "test_without_valid"), ("test_without_valid", "test"))
 
 
-def load_side(folders: list[Path], side: str) -> tuple[str, list[dict], list[dict[str, np.ndarray]]]:
-    """(model name, metrics of each run, {epoch, valid, test, test_without_valid} of each run)."""
-    runs, curves = [], []
-    for folder in folders:
-        metrics = load_run(folder, keys=("config", "dataset", "name", "best_epoch"))
-        path = folder / "diagnostic_ranks.npz"
-        if not path.is_file():
-            raise RunFolderError(f"{folder}: no diagnostic_ranks.npz (train with train.diagnostic_test_curve=true)")
-        with np.load(path) as data:
+def load_curve(folder: Path, metrics: dict) -> dict[str, np.ndarray]:
+    """The run's diagnostic_ranks.npz, checked against the run's own metrics.json."""
+    if not metrics["config"].get("train", {}).get("diagnostic_test_curve"):
+        raise RunFolderError(f"{folder}: trained without train.diagnostic_test_curve=true (no per-epoch test ranks)")
+    path = folder / "diagnostic_ranks.npz"
+    if not path.is_file():
+        raise RunFolderError(f"{folder}: no diagnostic_ranks.npz (train with train.diagnostic_test_curve=true)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
             missing = [k for k in ("epoch", *SPLITS) if k not in data]
             if missing:
                 raise RunFolderError(f"{path}: missing {missing}")
             curve = {k: np.asarray(data[k]) for k in ("epoch", *SPLITS)}
-        if metrics["best_epoch"] not in set(curve["epoch"].tolist()):
-            raise RunFolderError(f"{folder}: its chosen epoch {metrics['best_epoch']} has no diagnostic ranks")
-        runs.append(metrics)
-        curves.append(curve)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise RunFolderError(f"{path}: not a readable .npz of integer ranks ({exc})") from None
+    epochs = curve["epoch"]
+    if epochs.ndim != 1 or epochs.size == 0:
+        raise RunFolderError(f"{path}: 'epoch' must be a non-empty 1-D array, got shape {epochs.shape}")
+    for split in SPLITS:
+        if curve[split].ndim != 2 or curve[split].shape[0] != epochs.size:
+            raise RunFolderError(f"{path}: {split!r} must be [epochs={epochs.size}, users], got {curve[split].shape}")
+    best = np.flatnonzero(epochs == metrics["best_epoch"])
+    if best.size != 1:
+        raise RunFolderError(f"{folder}: its chosen epoch {metrics['best_epoch']} has no diagnostic ranks")
+    # The npz must be this run's: at the chosen epoch it holds the ranks the run reported.
+    for split, stored in metrics.get("ranks_at_best_epoch", {}).items():
+        if not np.array_equal(curve[split][best[0]], np.asarray(stored)):
+            raise RunFolderError(f"{path}: its {split} ranks at epoch {metrics['best_epoch']} are not the run's own")
+    return curve
+
+
+def load_side(folders: list[Path], side: str) -> tuple[str, list[dict], list[dict[str, np.ndarray]]]:
+    """(model name, metrics of each run, {epoch, valid, test, test_without_valid} of each run)."""
+    runs = [load_run(folder, keys=("config", "dataset", "name", "best_epoch")) for folder in folders]
+    curves = [load_curve(folder, metrics) for folder, metrics in zip(folders, runs)]
     names = {m["name"] for m in runs}
     if len(names) != 1:
         raise RunFolderError(f"--{side} mixes models {sorted(names)}: give one model's runs (its seeds) per side")
@@ -96,18 +117,6 @@ def per_user(runs: list[dict], curves: list[dict], *, epochs: np.ndarray | None)
             per_run.append(ndcg_per_user(curve[split][rows]).mean(axis=0))
         out[split] = np.mean(per_run, axis=0)
     return out
-
-
-def difference(top: dict, bottom: dict, a: str, b: str, *, resamples: int, seed: int) -> dict[str, float]:
-    """ratio(a) - ratio(b), with a 95% interval from resampling users with all their events."""
-    def ratio(split: str, idx: np.ndarray | slice) -> np.ndarray:
-        return top[split][idx].mean(axis=-1) / np.maximum(bottom[split][idx].mean(axis=-1), 1e-12)
-
-    idx = resample_users(top[a].size, resamples=resamples, seed=seed)
-    diffs = ratio(a, idx) - ratio(b, idx)
-    return {"value": float(ratio(a, slice(None)) - ratio(b, slice(None))),
-            "ci95": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))],
-            "p_le_0": float((diffs <= 0).mean())}
 
 
 def ratio_curves(top: tuple, bottom: tuple, epochs: np.ndarray) -> dict[str, np.ndarray]:
@@ -128,9 +137,8 @@ def plot(curves: dict[str, np.ndarray], epochs: np.ndarray, names: tuple[str, st
     for split in SPLITS:
         ax_ratio.plot(epochs, curves[f"ratio_{split}"], color=colours[split], label=split)
         for side, style in (("top", "-"), ("bottom", "--")):
-            if split != "test_without_valid":
-                ax_ndcg.plot(epochs, curves[f"{side}_{split}"], style, color=colours[split],
-                             label=f"{names[0 if side == 'top' else 1]} {split}")
+            ax_ndcg.plot(epochs, curves[f"{side}_{split}"], style, color=colours[split],
+                         label=f"{names[0 if side == 'top' else 1]} {split}")
     ax_ratio.axhline(1.0, color="grey", lw=0.8)
     ax_ratio.axvline(window_start, color="grey", lw=0.8, ls=":")
     ax_ratio.set(xlabel="epoch", ylabel=f"{names[0]} / {names[1]} NDCG@10 (seed means)",
@@ -161,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         all_curves = top_curves + bottom_curves
         epochs = all_curves[0]["epoch"]
         if any(not np.array_equal(c["epoch"], epochs) for c in all_curves):
-            raise RunFolderError("the runs were evaluated at different epochs: give runs of one length")
+            spans = ", ".join(f"{f}: {c['epoch'].size} evaluations, epochs {int(c['epoch'][0])}-{int(c['epoch'][-1])}"
+                              for f, c in zip((*args.top, *args.bottom), all_curves))
+            raise RunFolderError(f"the runs were evaluated at different epochs ({spans}): give runs of one length")
         users = {c[s].shape[1] for c in all_curves for s in SPLITS}
         if len(users) != 1:
             raise RunFolderError(f"the runs rank different numbers of users ({sorted(users)}): not the same users")
@@ -191,9 +201,12 @@ def main(argv: list[str] | None = None) -> int:
                               "top_mean": float(top[split].mean()), "bottom_mean": float(bottom[split].mean()),
                               **spread, "users": ci["users"], **context}), flush=True)
         for a, b in DIFFERENCES:
-            diff = difference(top, bottom, a, b, resamples=args.resamples, seed=args.seed)
+            # users resampled with all their events: the same users for both ratios
+            diff = paired_bootstrap_ratio_difference((top[a], bottom[a]), (top[b], bottom[b]),
+                                                     resamples=args.resamples, seed=args.seed)
             print(json.dumps({"metric": f"{metric}_{a}_minus_{b}", "value": diff["value"], "unit": "ratio",
-                              "when": when, "ci95": diff["ci95"], "p_le_0": diff["p_le_0"], **context}), flush=True)
+                              "when": when, "ci95": [diff["low"], diff["high"]], "p_le_0": diff["p_le_0"],
+                              **context}), flush=True)
     plot(curves, epochs, (top_name, bottom_name), int(window[0]), args.png)
     print(f"[valid_test_gap] wrote {args.png}", file=sys.stderr)
     return 0

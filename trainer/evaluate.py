@@ -41,6 +41,8 @@ def retrieval_ranks(
         exclude = eval_set.history
     elif exclude.num_users != eval_set.history.num_users:
         raise ValueError(f"exclude has {exclude.num_users} users, the eval set {eval_set.history.num_users}")
+    elif not np.array_equal(exclude.user_ids, eval_set.history.user_ids):
+        raise ValueError("exclude holds other users, or the same in another order, than the eval set")
     was_training = model.training
     model.eval()
     history = eval_set.history

@@ -122,3 +122,27 @@ def paired_bootstrap_ratio(
         "users": int(top.size),
         "resamples": resamples,
     }
+
+
+def paired_bootstrap_ratio_difference(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], *, resamples: int = 2000, seed: int = 0
+) -> dict[str, float]:
+    """ratio(a) - ratio(b), each ratio `top.mean() / bottom.mean()` of a (top, bottom) pair of
+    per-user metrics, with a 95% percentile interval from resampling the users once for all four
+    arrays (a user's events stay together). `p_le_0`: the share of resamples where it is <= 0."""
+    arrays = [np.asarray(x, dtype=np.float64) for x in (*a, *b)]
+    if len({x.shape for x in arrays}) != 1 or arrays[0].ndim != 1 or arrays[0].size == 0:
+        raise ValueError(f"need four non-empty 1-D per-user arrays of one shape, got {[x.shape for x in arrays]}")
+    a_top, a_bottom, b_top, b_bottom = arrays
+
+    def ratio(top: np.ndarray, bottom: np.ndarray, idx: np.ndarray | slice) -> np.ndarray:
+        return top[idx].mean(axis=-1) / np.maximum(bottom[idx].mean(axis=-1), 1e-12)
+
+    idx = resample_users(a_top.size, resamples=resamples, seed=seed)
+    diffs = ratio(a_top, a_bottom, idx) - ratio(b_top, b_bottom, idx)
+    return {
+        "value": float(ratio(a_top, a_bottom, slice(None)) - ratio(b_top, b_bottom, slice(None))),
+        "low": float(np.percentile(diffs, 2.5)),
+        "high": float(np.percentile(diffs, 97.5)),
+        "p_le_0": float((diffs <= 0).mean()),
+    }

@@ -229,6 +229,7 @@ def run_offline(
     evals_since_best = 0
     best_path = out_dir / "best.safetensors"
     diagnostic_ranks: dict[str, list[Any]] = {"epoch": [], "valid": [], "test": [], "test_without_valid": []}
+    (out_dir / "diagnostic_ranks.npz").unlink(missing_ok=True)  # never leave an earlier run's beside this one
     bar = tqdm(
         total=config.train.epochs * steps_per_epoch, desc=config.name, unit="step", file=sys.stderr, disable=not progress
     )

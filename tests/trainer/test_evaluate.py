@@ -132,3 +132,5 @@ def test_exclude_removes_the_longer_history_from_the_ranking() -> None:
     assert (plain - without_valid_item).tolist() == above.astype(np.int64).tolist()
     with pytest.raises(ValueError, match="exclude has 2 users"):
         retrieval_ranks(model, short, max_seq_len=10, exclude=select_users(split.test.history, np.array([0, 1])))
+    with pytest.raises(ValueError, match="another order"):
+        retrieval_ranks(model, short, max_seq_len=10, exclude=select_users(split.test.history, np.array([1, 0, 2])))

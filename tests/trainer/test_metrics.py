@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.metrics import RankingMetrics, exclude_history, ndcg_per_user, paired_bootstrap_ratio, ranks_from_scores
+from trainer.metrics import (
+    RankingMetrics,
+    exclude_history,
+    ndcg_per_user,
+    paired_bootstrap_ratio,
+    paired_bootstrap_ratio_difference,
+    ranks_from_scores,
+    resample_users,
+)
 
 
 def test_ranks_count_ties_against_the_target() -> None:
@@ -79,3 +87,21 @@ def test_paired_bootstrap_ratio_refuses_bad_input() -> None:
         paired_bootstrap_ratio(np.ones(0), np.ones(0))
     with pytest.raises(ValueError, match="level"):
         paired_bootstrap_ratio(np.ones(3), np.ones(3), level=1.0)
+
+
+def test_paired_bootstrap_ratio_difference_resamples_users_with_all_their_events() -> None:
+    rng = np.random.default_rng(4)
+    top_a, bottom_a = rng.random(50), rng.random(50) + 0.1
+    # b equal to a: the difference is 0 in every resample, because each resample draws the same users for both
+    same = paired_bootstrap_ratio_difference((top_a, bottom_a), (top_a, bottom_a), resamples=300, seed=2)
+    assert same["value"] == same["low"] == same["high"] == 0.0 and same["p_le_0"] == 1.0
+    # by hand, with the same user draws
+    top_b, bottom_b = top_a * 0.8, bottom_a
+    got = paired_bootstrap_ratio_difference((top_a, bottom_a), (top_b, bottom_b), resamples=300, seed=2)
+    idx = resample_users(50, resamples=300, seed=2)
+    diffs = top_a[idx].mean(1) / bottom_a[idx].mean(1) - top_b[idx].mean(1) / bottom_b[idx].mean(1)
+    assert got["value"] == pytest.approx(0.2 * top_a.mean() / bottom_a.mean())
+    assert got["low"] == pytest.approx(np.percentile(diffs, 2.5)) and got["high"] == pytest.approx(np.percentile(diffs, 97.5))
+    assert got["p_le_0"] == 0.0
+    with pytest.raises(ValueError, match="four non-empty 1-D"):
+        paired_bootstrap_ratio_difference((top_a, bottom_a), (top_a[:10], bottom_a[:10]))

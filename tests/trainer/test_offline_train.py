@@ -15,7 +15,7 @@ from trainer.config import ConfigError, load_config
 from trainer.checkpoint import load_model
 from trainer.evaluate import metrics_from_ranks, retrieval_ranks
 from trainer.offline import OfflineConfig, run_offline
-from trainer.splits import leave_one_out, UserSequences
+from trainer.splits import EvalSet, leave_one_out, UserSequences
 
 CONFIGS = sorted((REPO_ROOT / "trainer" / "configs").glob("*.yaml"))
 TINY = [
@@ -107,6 +107,8 @@ def test_diagnostic_test_curve_never_chooses_the_epoch(tmp_path: Path) -> None:
     """train.diagnostic_test_curve: test ranks at every evaluation, the chosen epoch's equal to the
     reported test, and the choice itself the same as without the diagnostic."""
     base = [*TINY, "name=tiny", "train.epochs=4"]
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "diagnostic_ranks.npz").write_bytes(b"an earlier run's")  # must not survive the run
     plain = run_offline(load_config(OfflineConfig, overrides=base), out_dir=tmp_path / "plain", progress=False,
                         split=pattern_split())
     config = load_config(OfflineConfig, overrides=[*base, "train.diagnostic_test_curve=true"])
@@ -122,4 +124,14 @@ def test_diagnostic_test_curve_never_chooses_the_epoch(tmp_path: Path) -> None:
     for epoch, record in zip(curve["epoch"], results["epochs"]):
         assert metrics_from_ranks(curve["test_without_valid"][epoch - 1]) == pytest.approx(
             record["diagnostic_test_without_valid"])
+    # test without valid, rebuilt by hand from the best checkpoint: the test targets ranked from the
+    # training events (the validation context), the validation item left out of the ranking
+    split = pattern_split()
+    model, _ = load_model(tmp_path / "diag" / "best.safetensors")
+    by_hand = EvalSet(history=split.train, targets=split.test.targets, target_actions=split.test.target_actions,
+                      target_timestamps=split.test.target_timestamps)
+    assert np.array_equal(split.valid.history.item_ids, split.train.item_ids)
+    ranks = retrieval_ranks(model, by_hand, max_seq_len=12, exclude=split.test.history)
+    assert ranks.tolist() == curve["test_without_valid"][best].tolist()
+    assert ranks.tolist() != curve["test"][best].tolist()  # the validation event in the context matters
     assert not (tmp_path / "plain" / "diagnostic_ranks.npz").exists()
