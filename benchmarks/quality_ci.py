@@ -44,7 +44,8 @@ from benchmarks.run_folders import (  # noqa: E402
     check_paired_arguments,
     check_same_data,
     load_run,
-)  # noqa: E402
+    one_model,
+)
 from trainer.metrics import (  # noqa: E402
     mean_ndcg_per_user,
     ndcg_per_user,
@@ -63,10 +64,7 @@ def log(message: str) -> None:
 
 def run_ranks(folder: Path, splits: dict) -> tuple[dict[str, np.ndarray], dict]:
     """Per-user ranks {valid, test} at the run's chosen epoch, and its metrics.json."""
-    try:
-        metrics = load_run(folder, keys=("config", "dataset", "name"))
-    except RunFolderError as exc:
-        raise SystemExit(str(exc)) from None
+    metrics = load_run(folder, keys=("config", "dataset", "name"))
     if "ranks_at_best_epoch" in metrics:
         return {k: np.asarray(v, dtype=np.int64) for k, v in metrics["ranks_at_best_epoch"].items()}, metrics
     checkpoint = folder / "best.safetensors"
@@ -104,16 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     check_paired_arguments(parser, args)
     splits: dict = {}
     sides = {}
-    for side in ("top", "bottom"):
-        loaded = [run_ranks(folder, splits) for folder in getattr(args, side)]
-        names = {m["name"] for _, m in loaded}
-        if len(names) != 1:
-            raise SystemExit(f"--{side} mixes models {sorted(names)}: give one model's runs (its seeds) per side")
-        sides[side] = (loaded, loaded[0][1]["dataset"], names.pop())
-    # Users are paired by position: every run must be on the same data, hence the same users in order.
-    all_runs = [m for loaded, _, _ in sides.values() for _, m in loaded]
     try:
-        check_same_data(all_runs)
+        for side in ("top", "bottom"):
+            loaded = [run_ranks(folder, splits) for folder in getattr(args, side)]
+            sides[side] = (loaded, loaded[0][1]["dataset"], one_model([m for _, m in loaded], side))
+        # Users are paired by position: every run must be on the same data, hence the same users in order.
+        check_same_data([m for loaded, _, _ in sides.values() for _, m in loaded])
     except RunFolderError as exc:
         raise SystemExit(str(exc)) from None
     sizes = {len(r[split]) for loaded, _, _ in sides.values() for r, _ in loaded for split in ("valid", "test")}

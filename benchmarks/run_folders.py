@@ -44,6 +44,14 @@ def check_same_data(runs: list[dict]) -> None:
         raise RunFolderError(f"the runs differ in their data config ({sorted(datas)}): not the same users")
 
 
+def one_model(runs: list[dict], side: str) -> str:
+    """The one model name of a side's runs (its seeds); a side that mixes models is refused."""
+    names = {m["name"] for m in runs}
+    if len(names) != 1:
+        raise RunFolderError(f"--{side} mixes models {sorted(names)}: give one model's runs (its seeds) per side")
+    return names.pop()
+
+
 def add_paired_arguments(parser: argparse.ArgumentParser) -> None:
     """--top and --bottom run folders (each side one model's seeds), --resamples and --seed."""
     parser.add_argument("--top", type=Path, nargs="+", required=True, help="run folders of the numerator (seeds)")

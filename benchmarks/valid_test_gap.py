@@ -58,6 +58,7 @@ from benchmarks.run_folders import (  # noqa: E402
     check_paired_arguments,
     check_same_data,
     load_run,
+    one_model,
 )
 from trainer.metrics import ndcg_per_user, paired_bootstrap_ratio, paired_bootstrap_ratio_difference  # noqa: E402
 
@@ -97,35 +98,35 @@ def load_curve(folder: Path, metrics: dict) -> dict[str, np.ndarray]:
 
 
 def load_side(folders: list[Path], side: str) -> tuple[str, list[dict], list[dict[str, np.ndarray]]]:
-    """(model name, metrics of each run, {epoch, valid, test, test_without_valid} of each run)."""
+    """(model name, metrics of each run, each run's epochs and [epochs, users] NDCG@10 per split)."""
     runs = [load_run(folder, keys=("config", "dataset", "name", "best_epoch")) for folder in folders]
-    curves = [load_curve(folder, metrics) for folder, metrics in zip(folders, runs)]
-    names = {m["name"] for m in runs}
-    if len(names) != 1:
-        raise RunFolderError(f"--{side} mixes models {sorted(names)}: give one model's runs (its seeds) per side")
-    return names.pop(), runs, curves
+    curves = []
+    for folder, metrics in zip(folders, runs):
+        ranks = load_curve(folder, metrics)
+        curves.append({"epoch": ranks["epoch"], **{split: ndcg_per_user(ranks[split]) for split in SPLITS}})
+    return one_model(runs, side), runs, curves
 
 
 def per_user(runs: list[dict], curves: list[dict], *, epochs: np.ndarray | None) -> dict[str, np.ndarray]:
     """Each user's NDCG@10 per split, averaged over the runs (seeds) and over `epochs` (None: each
-    run's chosen epoch)."""
+    run's chosen epoch); `curves` hold [epochs, users] NDCG@10 (from `load_side`)."""
     out = {}
     for split in SPLITS:
         per_run = []
         for metrics, curve in zip(runs, curves):
             rows = np.isin(curve["epoch"], [metrics["best_epoch"]] if epochs is None else epochs)
-            per_run.append(ndcg_per_user(curve[split][rows]).mean(axis=0))
+            per_run.append(curve[split][rows].mean(axis=0))
         out[split] = np.mean(per_run, axis=0)
     return out
 
 
-def ratio_curves(top: tuple, bottom: tuple, epochs: np.ndarray) -> dict[str, np.ndarray]:
+def ratio_curves(top: list[dict], bottom: list[dict]) -> dict[str, np.ndarray]:
     """Per epoch: the ratio of the seed-mean NDCG@10 for each split, and each side's NDCG@10."""
     out: dict[str, np.ndarray] = {}
     for split in SPLITS:
         means = {}
-        for name, (runs, curves) in (("top", top), ("bottom", bottom)):
-            means[name] = np.mean([ndcg_per_user(c[split]).mean(axis=1) for c in curves], axis=0)
+        for name, curves in (("top", top), ("bottom", bottom)):
+            means[name] = np.mean([c[split].mean(axis=1) for c in curves], axis=0)
             out[f"{name}_{split}"] = means[name]
         out[f"ratio_{split}"] = means["top"] / np.maximum(means["bottom"], 1e-12)
     return out
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     metric = f"{top_name}_over_{bottom_name}_ndcg@10"
     context = {"dataset": top_runs[0]["dataset"], "runs_top": len(top_runs), "runs_bottom": len(bottom_runs),
                "resamples": args.resamples}
-    curves = ratio_curves((top_runs, top_curves), (bottom_runs, bottom_curves), epochs)
+    curves = ratio_curves(top_curves, bottom_curves)
     in_window = np.isin(epochs, window)
     for when, chosen in (("chosen_epoch", None), (f"epochs_{int(window[0])}-{int(window[-1])}", window)):
         top = per_user(top_runs, top_curves, epochs=chosen)
