@@ -48,8 +48,8 @@ class KernelUnavailableError(RuntimeError):
 def triton_interpreted() -> bool:
     """Whether Triton runs (or, once imported, will run) in its CPU interpreter in this process."""
     if "triton.language" in sys.modules:
-        from triton.runtime.interpreter import InterpretedFunction
         import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
 
         return isinstance(tl.standard.sigmoid, InterpretedFunction)
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
@@ -72,7 +72,9 @@ def resolve_impl(op: str, impl: str | None, device: torch.device) -> str:
         try:
             import triton  # noqa: F401  (imported here, at call time, never at import time)
         except ImportError as exc:
-            raise KernelUnavailableError(f"{op}: {source} asks for Triton, but triton cannot be imported ({exc}); use impl='pytorch'") from exc
+            raise KernelUnavailableError(
+                f"{op}: {source} asks for Triton, but triton cannot be imported ({exc}); use impl='pytorch'"
+            ) from exc
         interpreted = triton_interpreted()
         if device.type != "cuda" and not interpreted:
             raise KernelUnavailableError(

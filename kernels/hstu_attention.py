@@ -11,7 +11,8 @@
     (7, 2, 16)
 
 The function, the mask and the bucket functions are defined in
-`kernels/pytorch/pt_hstu_attention.py`; the kernel is `kernels/triton/triton_hstu_attention.py`;
+`kernels/pytorch/pt_hstu_attention.py` (run in length groups, `pt_length_groups.py`, to cut its
+padding); the kernel is `kernels/triton/triton_hstu_attention.py`;
 the choice between them follows `kernels/_dispatch.py` (argument `impl`, then the environment
 variable HSTU_KERNEL_IMPL, then the tensors' device). The Triton path is the torch custom op
 `hstu_rt::hstu_attention_triton` (with a fake implementation, so torch.compile can trace it)
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from kernels._dispatch import KernelInputError, resolve_impl
-from kernels.pytorch.pt_hstu_attention import pt_hstu_attention
+from kernels.pytorch.pt_length_groups import pt_hstu_attention_grouped
 
 MAX_HEAD_DIM = 256  # Triton path: one [block, D] tile per operand lives in registers
 MAX_GRID_DIM = 65535  # CUDA's limit on the grid's second and third dimensions (heads, sequences)
@@ -39,39 +40,110 @@ def _triton_module():
 
 @torch.library.custom_op("hstu_rt::hstu_attention_triton", mutates_args=())
 def _hstu_attention_triton(
-    q: Tensor, k: Tensor, v: Tensor, seq_offsets: Tensor, max_seq_len: int, alpha: float,
-    num_targets: Tensor | None, timestamps: Tensor | None, pos_bias: Tensor | None, time_bias: Tensor | None,
-    normalize_by_length: bool, query_timestamps: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_offsets: Tensor,
+    max_seq_len: int,
+    alpha: float,
+    num_targets: Tensor | None,
+    timestamps: Tensor | None,
+    pos_bias: Tensor | None,
+    time_bias: Tensor | None,
+    normalize_by_length: bool,
+    query_timestamps: Tensor | None,
 ) -> Tensor:
     return _triton_module().hstu_attention_fwd(
-        q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize_by_length,
+        q,
+        k,
+        v,
+        seq_offsets,
+        max_seq_len,
+        alpha,
+        num_targets,
+        timestamps,
+        pos_bias,
+        time_bias,
+        normalize_by_length,
         query_timestamps,
     )
 
 
 @_hstu_attention_triton.register_fake
-def _(q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize_by_length,
-      query_timestamps):
+def _(
+    q,
+    k,
+    v,
+    seq_offsets,
+    max_seq_len,
+    alpha,
+    num_targets,
+    timestamps,
+    pos_bias,
+    time_bias,
+    normalize_by_length,
+    query_timestamps,
+):
     return q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
 
 
 @torch.library.custom_op("hstu_rt::hstu_attention_triton_bwd", mutates_args=())
 def _hstu_attention_triton_bwd(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, seq_offsets: Tensor, max_seq_len: int, alpha: float,
-    num_targets: Tensor | None, timestamps: Tensor | None, pos_bias: Tensor | None, time_bias: Tensor | None,
-    normalize_by_length: bool, query_timestamps: Tensor | None,
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_offsets: Tensor,
+    max_seq_len: int,
+    alpha: float,
+    num_targets: Tensor | None,
+    timestamps: Tensor | None,
+    pos_bias: Tensor | None,
+    time_bias: Tensor | None,
+    normalize_by_length: bool,
+    query_timestamps: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, d_pos, d_time = _triton_module().hstu_attention_bwd(
-        dout, q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize_by_length,
+        dout,
+        q,
+        k,
+        v,
+        seq_offsets,
+        max_seq_len,
+        alpha,
+        num_targets,
+        timestamps,
+        pos_bias,
+        time_bias,
+        normalize_by_length,
         query_timestamps,
     )
     # Custom ops return tensors only: an absent table's gradient travels as an empty tensor.
-    return dq, dk, dv, (d_pos if d_pos is not None else q.new_empty(0)), (d_time if d_time is not None else q.new_empty(0))
+    return (
+        dq,
+        dk,
+        dv,
+        (d_pos if d_pos is not None else q.new_empty(0)),
+        (d_time if d_time is not None else q.new_empty(0)),
+    )
 
 
 @_hstu_attention_triton_bwd.register_fake
-def _(dout, q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize_by_length,
-      query_timestamps):
+def _(
+    dout,
+    q,
+    k,
+    v,
+    seq_offsets,
+    max_seq_len,
+    alpha,
+    num_targets,
+    timestamps,
+    pos_bias,
+    time_bias,
+    normalize_by_length,
+    query_timestamps,
+):
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
         torch.empty_like(k, memory_format=torch.contiguous_format),
@@ -82,8 +154,20 @@ def _(dout, q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, p
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize_by_length,
-     query_timestamps) = inputs
+    (
+        q,
+        k,
+        v,
+        seq_offsets,
+        max_seq_len,
+        alpha,
+        num_targets,
+        timestamps,
+        pos_bias,
+        time_bias,
+        normalize_by_length,
+        query_timestamps,
+    ) = inputs
     ctx.save_for_backward(q, k, v, seq_offsets, num_targets, timestamps, pos_bias, time_bias, query_timestamps)
     ctx.max_seq_len, ctx.alpha, ctx.normalize_by_length = max_seq_len, alpha, normalize_by_length
 
@@ -91,14 +175,33 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout):
     q, k, v, seq_offsets, num_targets, timestamps, pos_bias, time_bias, query_timestamps = ctx.saved_tensors
     dq, dk, dv, d_pos, d_time = _hstu_attention_triton_bwd(
-        dout, q, k, v, seq_offsets, ctx.max_seq_len, ctx.alpha, num_targets, timestamps, pos_bias, time_bias,
-        ctx.normalize_by_length, query_timestamps,
+        dout,
+        q,
+        k,
+        v,
+        seq_offsets,
+        ctx.max_seq_len,
+        ctx.alpha,
+        num_targets,
+        timestamps,
+        pos_bias,
+        time_bias,
+        ctx.normalize_by_length,
+        query_timestamps,
     )
     return (
-        dq, dk, dv, None, None, None, None, None,
+        dq,
+        dk,
+        dv,
+        None,
+        None,
+        None,
+        None,
+        None,
         d_pos if pos_bias is not None else None,
         d_time if time_bias is not None else None,
-        None, None,
+        None,
+        None,
     )
 
 
@@ -190,7 +293,8 @@ def _check_offsets(q, seq_offsets, max_seq_len, num_targets, timestamps, query_t
     ok = torch.stack([torch.as_tensor(c, device=q.device).to(torch.int64) for c in checks]).tolist()
     if not (ok[0] and ok[1]):
         raise KernelInputError(
-            f"seq_offsets must start at 0 and end at T={q.shape[0]}, got {seq_offsets[0].item()} .. {seq_offsets[-1].item()}"
+            f"seq_offsets must start at 0 and end at T={q.shape[0]}, "
+            f"got {seq_offsets[0].item()} .. {seq_offsets[-1].item()}"
         )
     if lengths.numel() > 0:
         if not ok[2]:
@@ -252,7 +356,9 @@ def hstu_attention(
     timestamps (< 2^30 s) against the data (costs one device-to-host copy); shapes, dtypes and
     devices are always checked. With validate=False the caller guarantees them.
     """
-    _check_inputs(q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, query_timestamps)
+    _check_inputs(
+        q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, query_timestamps
+    )
     if time_bias is None:
         query_timestamps = None  # no time bias: nothing reads them
     if validate:
@@ -262,14 +368,25 @@ def hstu_attention(
     chosen = resolve_impl("hstu_attention", impl, q.device)
     alpha = float(alpha)
     if chosen == "pytorch":
-        return pt_hstu_attention(
-            q, k, v, seq_offsets, max_seq_len, alpha=alpha, num_targets=num_targets, timestamps=timestamps,
-            pos_bias=pos_bias, time_bias=time_bias, normalize_by_length=normalize_by_length,
+        # The reference pads; in length groups it pads each group only to its own longest.
+        return pt_hstu_attention_grouped(
+            q,
+            k,
+            v,
+            seq_offsets,
+            max_seq_len,
+            alpha=alpha,
+            num_targets=num_targets,
+            timestamps=timestamps,
+            pos_bias=pos_bias,
+            time_bias=time_bias,
+            normalize_by_length=normalize_by_length,
             query_timestamps=query_timestamps,
         )
     if max(q.shape[2], v.shape[2]) > MAX_HEAD_DIM:
         raise KernelInputError(
-            f"the Triton kernel takes head dims up to {MAX_HEAD_DIM}, got Dqk={q.shape[2]}, Dv={v.shape[2]}; use impl='pytorch'"
+            f"the Triton kernel takes head dims up to {MAX_HEAD_DIM}, got Dqk={q.shape[2]}, Dv={v.shape[2]}; "
+            "use impl='pytorch'"
         )
     if q.shape[1] > MAX_GRID_DIM or seq_offsets.numel() - 1 > MAX_GRID_DIM:
         raise KernelInputError(
@@ -277,6 +394,16 @@ def hstu_attention(
             f"B={seq_offsets.numel() - 1}; split the batch"
         )
     return _hstu_attention_triton(
-        q, k, v, seq_offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, bool(normalize_by_length),
+        q,
+        k,
+        v,
+        seq_offsets,
+        max_seq_len,
+        alpha,
+        num_targets,
+        timestamps,
+        pos_bias,
+        time_bias,
+        bool(normalize_by_length),
         query_timestamps,
     )

@@ -40,7 +40,9 @@ def _triton_module():
 
 
 @torch.library.custom_op("hstu_rt::sampled_softmax_triton", mutates_args=())
-def _sampled_softmax_triton(query: Tensor, pos_ids: Tensor, neg_ids: Tensor, table: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+def _sampled_softmax_triton(
+    query: Tensor, pos_ids: Tensor, neg_ids: Tensor, table: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
     return _triton_module().sampled_softmax_fwd(query, pos_ids, neg_ids, table, temperature)
 
 
@@ -52,7 +54,13 @@ def _(query, pos_ids, neg_ids, table, temperature):
 
 @torch.library.custom_op("hstu_rt::sampled_softmax_triton_bwd", mutates_args=())
 def _sampled_softmax_triton_bwd(
-    grad_loss: Tensor, query: Tensor, pos_ids: Tensor, neg_ids: Tensor, table: Tensor, loss: Tensor, lse: Tensor,
+    grad_loss: Tensor,
+    query: Tensor,
+    pos_ids: Tensor,
+    neg_ids: Tensor,
+    table: Tensor,
+    loss: Tensor,
+    lse: Tensor,
     temperature: float,
 ) -> tuple[Tensor, Tensor]:
     return _triton_module().sampled_softmax_bwd(grad_loss, query, pos_ids, neg_ids, table, loss, lse, temperature)
@@ -76,7 +84,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_lse):
     query, pos_ids, neg_ids, table, loss, lse = ctx.saved_tensors
-    d_query, d_table = _sampled_softmax_triton_bwd(grad_loss, query, pos_ids, neg_ids, table, loss, lse, ctx.temperature)
+    d_query, d_table = _sampled_softmax_triton_bwd(
+        grad_loss, query, pos_ids, neg_ids, table, loss, lse, ctx.temperature
+    )
     return d_query, None, None, d_table, None
 
 
@@ -113,7 +123,9 @@ def _check_ids(pos_ids, neg_ids, table) -> None:
         return
     lo, hi = torch.stack([torch.stack([p.min(), p.max()]) for p in parts]).T.tolist()
     if min(lo) < 0 or max(hi) >= num_items:
-        raise KernelInputError(f"ids must be rows of the table, 0 <= id < V={num_items}; got ids from {min(lo)} to {max(hi)}")
+        raise KernelInputError(
+            f"ids must be rows of the table, 0 <= id < V={num_items}; got ids from {min(lo)} to {max(hi)}"
+        )
 
 
 def sampled_softmax_loss(

@@ -21,17 +21,21 @@ Bucket functions (the Triton kernel computes exactly these, per pair, from the t
 - positions: every history token keeps its index, every candidate takes the index of the first
   candidate (`pos_i = min(i, hist)`), so the order of the candidates does not matter;
   `pb(i, j) = min(pos_i - pos_j, num_pos_buckets - 1)` (always >= 0 under the mask).
-- time: with `timestamps` in seconds (int64),
-  `tb(i, j) = clamp(floor(log(max(|tq_i - ts_j|, 1)) / 0.301), 0, num_time_buckets - 1)`,
-  natural log, computed in float32, where `tq_i` is the query time of token i:
-  `query_timestamps[i]` when given, else `timestamps[i]`. A query time is the time the token's
-  output is for (the request time): for next-item retrieval, the time of the next event, as
-  the paper's public-dataset code does. About 2.3 buckets per doubling of the gap; the last of NT
-  buckets starts at exp(0.301 (NT - 1)) s: 9 days for NT = 46, 5.4 years for NT = 64. One
-  sequence's timestamps must span less than 2^30 s (the kernel's int32 gaps; the dispatcher
-  checks). At a float32 bucket boundary two
-  implementations of `log` may disagree by one bucket for gaps above ~10^4 s (first seen at
-  417,901 s); the two bias values are then neighbours, which training does not notice.
+- time: with `timestamps` in seconds (int64), the gap of a pair is `|tq_i - ts_j|`, where
+  `tq_i` is the query time of token i: `query_timestamps[i]` when given, else `timestamps[i]`.
+  A query time is the time the token's output is for (the request time): for next-item
+  retrieval, the time of the next event, as the paper's public-dataset code does. Its bucket is
+
+      tb(i, j) = the largest k in [0, NT - 1] with boundary[k] <= max(gap, 1),
+      boundary[k] = the smallest integer g >= 1 with ln(g) / 0.301 >= k   (boundary[0] = 1),
+
+  that is `clamp(floor(ln(max(gap, 1)) / 0.301), 0, NT - 1)` in exact arithmetic (0.301 the
+  decimal). `time_bucket_boundaries` builds the integer table once (exact, in Python) and both
+  implementations read it, so they agree on every gap: no float log decides a bucket (float32
+  logs put some gaps one bucket off, the first at 417,901 s). About 2.3 buckets per doubling
+  of the gap; the last of NT buckets starts at exp(0.301 (NT - 1)) s: 9 days for NT = 46, 5.4
+  years for NT = 64. One sequence's timestamps must span less than 2^30 s (the kernel's int32
+  gaps; the dispatcher checks).
 
 This implementation pads to [B, H, N, N] (N = max_seq_len) and lets autograd give the
 backward, so it costs O(B * H * N^2) memory: use it as the reference and on the CPU.
@@ -46,11 +50,66 @@ backward, so it costs O(B * H * N^2) memory: use it as the reference and on the 
 
 from __future__ import annotations
 
+import decimal
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels._dispatch import KernelInputError
+
 TIME_BUCKET_DIVISOR = 0.301
+INT64_MAX = 2**63 - 1
+
+
+def _time_bucket_edge(k: int) -> int:
+    """boundary[k]: the smallest integer g >= 1 with ln(g) >= 0.301 k, exactly.
+
+    A float64 guess, then checked and moved with 50-digit logs. exp(0.301 k) is never an integer
+    for k >= 1 (Lindemann), and its nearest miss for k < 150 is 2e-21 relative, so 50 digits
+    decide every comparison.
+    """
+    if k == 0:
+        return 1
+    with decimal.localcontext() as ctx:
+        ctx.prec = 50
+        edge = decimal.Decimal(str(TIME_BUCKET_DIVISOR)) * k
+        g = max(math.ceil(math.exp(float(edge))), 1)
+        while g > 1 and decimal.Decimal(g - 1).ln() >= edge:
+            g -= 1
+        while decimal.Decimal(g).ln() < edge:
+            g += 1
+        return g
+
+
+@functools.cache
+def _time_bucket_boundaries(num_buckets: int, device: torch.device) -> Tensor:
+    edges = [1]
+    for k in range(1, num_buckets):
+        # past int64 every edge is capped: stop computing them (exp overflows a float past k = 2358)
+        edges.append(min(_time_bucket_edge(k), INT64_MAX) if edges[-1] < INT64_MAX else INT64_MAX)
+    return torch.tensor(edges, dtype=torch.int64, device=device)
+
+
+def time_bucket_boundaries(num_buckets: int, device: torch.device | str | None = None) -> Tensor:
+    """The first gap (int64 seconds) of each of the NT time buckets: [NT], boundary[0] = 1.
+
+    boundary[k] is the smallest integer g >= 1 with ln(g) / 0.301 >= k (see the module
+    docstring); entries past int64 (k >= 146) hold 2^63 - 1. The one table both the reference
+    and the Triton kernel bucket time gaps with. Cached per (num_buckets, device): read it,
+    never write it.
+
+        >>> time_bucket_boundaries(8).tolist()
+        [1, 2, 2, 3, 4, 5, 7, 9]
+    """
+    if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or num_buckets < 1:
+        raise KernelInputError(f"num_buckets must be an int >= 1, got {num_buckets!r}")
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _time_bucket_boundaries(num_buckets, device)
 
 
 def relative_position_bucket(rel_pos: Tensor, num_buckets: int) -> Tensor:
@@ -59,9 +118,13 @@ def relative_position_bucket(rel_pos: Tensor, num_buckets: int) -> Tensor:
 
 
 def time_bucket(dt: Tensor, num_buckets: int) -> Tensor:
-    """Bucket of a time gap in seconds: clamp(floor(log(max(|dt|, 1)) / 0.301), 0, NT - 1)."""
-    gap = dt.abs().clamp_min(1).to(torch.float32)
-    return torch.floor(torch.log(gap) / TIME_BUCKET_DIVISOR).clamp(0, num_buckets - 1).long()
+    """Bucket of integer time gaps in seconds: the largest k < NT with boundary[k] <= max(|dt|, 1).
+
+    Integer comparisons against `time_bucket_boundaries`, no float log: exactly the kernel's.
+    """
+    gap = dt.to(torch.int64).abs().clamp_min_(1)
+    # boundary[0] = 1 <= gap, so the count of boundaries <= gap lies in [1, NT]
+    return torch.bucketize(gap, time_bucket_boundaries(num_buckets, dt.device), right=True).sub_(1)
 
 
 class _BucketBias(torch.autograd.Function):

@@ -29,7 +29,9 @@ from torch import Tensor
 NORMALIZE_EPS = 1e-12
 
 
-def pt_sampled_softmax_loss(query: Tensor, pos_ids: Tensor, neg_ids: Tensor, table: Tensor, *, temperature: float) -> Tensor:
+def pt_sampled_softmax_loss(
+    query: Tensor, pos_ids: Tensor, neg_ids: Tensor, table: Tensor, *, temperature: float
+) -> Tensor:
     """Per-example sampled-softmax loss [N] (float32); see the module docstring.
 
     query: [N, D]; pos_ids: [N] rows of `table`; neg_ids: [N, K] rows of `table` (an expanded

@@ -92,7 +92,9 @@ class _DenseSampledSoftmax(torch.autograd.Function):
         return d_qn, d_rows, None, None, None
 
 
-def pt_sampled_softmax_loss_dense(query: Tensor, pos_ids: Tensor, neg_ids: Tensor, table: Tensor, *, temperature: float) -> Tensor:
+def pt_sampled_softmax_loss_dense(
+    query: Tensor, pos_ids: Tensor, neg_ids: Tensor, table: Tensor, *, temperature: float
+) -> Tensor:
     """Per-example sampled-softmax loss [N] (float32), equal to `pt_sampled_softmax_loss`.
 
     Same arguments; neg_ids may be an expanded stride-0 view of one shared [K] set. The table's

@@ -44,10 +44,23 @@ if INTERPRETED != isinstance(tl.standard.sigmoid, InterpretedFunction):
 
 @triton.jit
 def _ssm_fwd_rows(
-    Query, PosIds, NegIds, Table, Loss, Lse,
-    stride_qn, stride_negn, stride_negk, stride_tv,
-    num_rows, num_neg, inv_temp,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    Query,
+    PosIds,
+    NegIds,
+    Table,
+    Loss,
+    Lse,
+    stride_qn,
+    stride_negn,
+    stride_negk,
+    stride_tv,
+    num_rows,
+    num_neg,
+    inv_temp,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < num_rows
@@ -66,8 +79,11 @@ def _ssm_fwd_rows(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mk_ok = m_ok[:, None] & (offs_k < num_neg)[None, :]
         ids = tl.load(NegIds + offs_m[:, None] * stride_negn + offs_k[None, :] * stride_negk, mask=mk_ok, other=0)
-        rows = tl.load(Table + ids[:, :, None] * stride_tv + offs_d[None, None, :],
-                       mask=mk_ok[:, :, None] & d_ok[None, None, :], other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_K, BLOCK_D)
+        rows = tl.load(
+            Table + ids[:, :, None] * stride_tv + offs_d[None, None, :],
+            mask=mk_ok[:, :, None] & d_ok[None, None, :],
+            other=0.0,
+        ).to(tl.float32)  # (BLOCK_M, BLOCK_K, BLOCK_D)
         norms = tl.sqrt(tl.sum(rows * rows, axis=2))  # (BLOCK_M, BLOCK_K)
         logits = tl.sum(rows * q_hat[:, None, :], axis=2) / tl.maximum(norms, _EPS) * inv_temp
         logits = tl.where(mk_ok & (ids != pos[:, None]), logits, float("-inf"))
@@ -81,10 +97,28 @@ def _ssm_fwd_rows(
 
 @triton.jit
 def _ssm_bwd_rows(
-    Query, PosIds, NegIds, Table, Loss, Lse, GradLoss, DQuery, DTable,
-    stride_qn, stride_negn, stride_negk, stride_tv, stride_dqn, stride_dtv,
-    num_rows, num_neg, inv_temp,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    Query,
+    PosIds,
+    NegIds,
+    Table,
+    Loss,
+    Lse,
+    GradLoss,
+    DQuery,
+    DTable,
+    stride_qn,
+    stride_negn,
+    stride_negk,
+    stride_tv,
+    stride_dqn,
+    stride_dtv,
+    num_rows,
+    num_neg,
+    inv_temp,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < num_rows
@@ -112,8 +146,11 @@ def _ssm_bwd_rows(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mk_ok = m_ok[:, None] & (offs_k < num_neg)[None, :]
         ids = tl.load(NegIds + offs_m[:, None] * stride_negn + offs_k[None, :] * stride_negk, mask=mk_ok, other=0)
-        rows = tl.load(Table + ids[:, :, None] * stride_tv + offs_d[None, None, :],
-                       mask=mk_ok[:, :, None] & d_ok[None, None, :], other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_K, BLOCK_D)
+        rows = tl.load(
+            Table + ids[:, :, None] * stride_tv + offs_d[None, None, :],
+            mask=mk_ok[:, :, None] & d_ok[None, None, :],
+            other=0.0,
+        ).to(tl.float32)  # (BLOCK_M, BLOCK_K, BLOCK_D)
         norms = tl.sqrt(tl.sum(rows * rows, axis=2, keep_dims=True))  # (BLOCK_M, BLOCK_K, 1)
         r_hat = rows / tl.maximum(norms, _EPS)
         logits = tl.sum(r_hat * q_hat[:, None, :], axis=2) * inv_temp  # (BLOCK_M, BLOCK_K)
@@ -121,27 +158,47 @@ def _ssm_bwd_rows(
         w = tl.where(keep, g * tl.exp(logits - lse) * inv_temp, 0.0)[:, :, None]  # (BLOCK_M, BLOCK_K, 1)
         d_q_hat += tl.sum(w * r_hat, axis=1)
         d_rows = _normalize_bwd(r_hat, w * q_hat[:, None, :], norms, 2)
-        tl.atomic_add(DTable + ids[:, :, None] * stride_dtv + offs_d[None, None, :], d_rows,
-                      mask=keep[:, :, None] & d_ok[None, None, :], sem="relaxed")
+        tl.atomic_add(
+            DTable + ids[:, :, None] * stride_dtv + offs_d[None, None, :],
+            d_rows,
+            mask=keep[:, :, None] & d_ok[None, None, :],
+            sem="relaxed",
+        )
     d_q = _normalize_bwd(q_hat, d_q_hat, q_norm, 1)
     tl.store(DQuery + offs_m[:, None] * stride_dqn + offs_d[None, :], d_q.to(DQuery.dtype.element_ty), mask=md_ok)
 
 
 @triton.jit
 def _ssm_fwd_shared(
-    Query, PosIds, NegIds, Table, Loss, Lse,
-    stride_qn, stride_negk, stride_tv,
-    num_rows, num_neg, inv_temp,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    Query,
+    PosIds,
+    NegIds,
+    Table,
+    Loss,
+    Lse,
+    stride_qn,
+    stride_negk,
+    stride_tv,
+    num_rows,
+    num_neg,
+    inv_temp,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < num_rows
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q = tl.load(Query + offs_m[:, None] * stride_qn + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    q = tl.load(
+        Query + offs_m[:, None] * stride_qn + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0
+    ).to(tl.float32)
     q_hat = q / tl.maximum(tl.sqrt(tl.sum(q * q, axis=1, keep_dims=True)), _EPS)  # (BLOCK_M, BLOCK_D)
     pos = tl.load(PosIds + offs_m, mask=m_ok, other=0)
-    e = tl.load(Table + pos[:, None] * stride_tv + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    e = tl.load(Table + pos[:, None] * stride_tv + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(
+        tl.float32
+    )
     e_hat = e / tl.maximum(tl.sqrt(tl.sum(e * e, axis=1, keep_dims=True)), _EPS)
     logit_p = tl.sum(q_hat * e_hat, axis=1) * inv_temp  # (BLOCK_M,)
     run_max = logit_p
@@ -150,7 +207,9 @@ def _ssm_fwd_shared(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < num_neg
         ids = tl.load(NegIds + offs_k * stride_negk, mask=k_ok, other=0)
-        rows = tl.load(Table + ids[:, None] * stride_tv + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        rows = tl.load(
+            Table + ids[:, None] * stride_tv + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0
+        ).to(tl.float32)
         r_hat = rows / tl.maximum(tl.sqrt(tl.sum(rows * rows, axis=1, keep_dims=True)), _EPS)  # (BLOCK_K, BLOCK_D)
         logits = tl.dot(q_hat, tl.trans(r_hat), input_precision="ieee") * inv_temp  # (BLOCK_M, BLOCK_K)
         logits = tl.where(k_ok[None, :] & (ids[None, :] != pos[:, None]), logits, float("-inf"))
@@ -164,10 +223,28 @@ def _ssm_fwd_shared(
 
 @triton.jit
 def _ssm_bwd_shared(
-    Query, PosIds, NegIds, Table, Loss, Lse, GradLoss, DQuery, DTable, DNegHat,
-    stride_qn, stride_negk, stride_tv, stride_dqn, stride_dtv,
-    num_rows, num_neg, inv_temp,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    Query,
+    PosIds,
+    NegIds,
+    Table,
+    Loss,
+    Lse,
+    GradLoss,
+    DQuery,
+    DTable,
+    DNegHat,
+    stride_qn,
+    stride_negk,
+    stride_tv,
+    stride_dqn,
+    stride_dtv,
+    num_rows,
+    num_neg,
+    inv_temp,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < num_rows
@@ -195,14 +272,21 @@ def _ssm_bwd_shared(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < num_neg
         ids = tl.load(NegIds + offs_k * stride_negk, mask=k_ok, other=0)
-        rows = tl.load(Table + ids[:, None] * stride_tv + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        rows = tl.load(
+            Table + ids[:, None] * stride_tv + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0
+        ).to(tl.float32)
         r_hat = rows / tl.maximum(tl.sqrt(tl.sum(rows * rows, axis=1, keep_dims=True)), _EPS)  # (BLOCK_K, BLOCK_D)
         logits = tl.dot(q_hat, tl.trans(r_hat), input_precision="ieee") * inv_temp  # (BLOCK_M, BLOCK_K)
         keep = m_ok[:, None] & k_ok[None, :] & (ids[None, :] != pos[:, None])
         w = tl.where(keep, g * tl.exp(logits - lse) * inv_temp, 0.0)  # dL/d<q_hat, r_hat>
         d_q_hat += tl.dot(w, r_hat, input_precision="ieee")
         d_r_hat = tl.dot(tl.trans(w), q_hat, input_precision="ieee")  # (BLOCK_K, BLOCK_D)
-        tl.atomic_add(DNegHat + offs_k[:, None] * BLOCK_D + offs_d[None, :], d_r_hat, mask=k_ok[:, None] & d_ok[None, :], sem="relaxed")
+        tl.atomic_add(
+            DNegHat + offs_k[:, None] * BLOCK_D + offs_d[None, :],
+            d_r_hat,
+            mask=k_ok[:, None] & d_ok[None, :],
+            sem="relaxed",
+        )
     d_q = _normalize_bwd(q_hat, d_q_hat, q_norm, 1)
     tl.store(DQuery + offs_m[:, None] * stride_dqn + offs_d[None, :], d_q.to(DQuery.dtype.element_ty), mask=md_ok)
 
@@ -238,22 +322,49 @@ def sampled_softmax_fwd(query, pos_ids, neg_ids, table, temperature: float) -> t
     inv_temp = 1.0 / float(temperature)
     if shared_negatives(neg_ids):
         _ssm_fwd_shared[(triton.cdiv(num_rows, block),)](
-            query, pos_ids, neg_ids, table, loss, lse,
-            query.stride(0), neg_ids.stride(1), table.stride(0),
-            num_rows, neg_ids.shape[1], inv_temp,
-            D=dim, BLOCK_D=block_d, BLOCK_M=block, BLOCK_K=block,
+            query,
+            pos_ids,
+            neg_ids,
+            table,
+            loss,
+            lse,
+            query.stride(0),
+            neg_ids.stride(1),
+            table.stride(0),
+            num_rows,
+            neg_ids.shape[1],
+            inv_temp,
+            D=dim,
+            BLOCK_D=block_d,
+            BLOCK_M=block,
+            BLOCK_K=block,
         )
     else:
         _ssm_fwd_rows[(triton.cdiv(num_rows, block_rows),)](
-            query, pos_ids, neg_ids, table, loss, lse,
-            query.stride(0), neg_ids.stride(0), neg_ids.stride(1), table.stride(0),
-            num_rows, neg_ids.shape[1], inv_temp,
-            D=dim, BLOCK_D=block_d, BLOCK_M=block_rows, BLOCK_K=max(16, block // block_rows),
+            query,
+            pos_ids,
+            neg_ids,
+            table,
+            loss,
+            lse,
+            query.stride(0),
+            neg_ids.stride(0),
+            neg_ids.stride(1),
+            table.stride(0),
+            num_rows,
+            neg_ids.shape[1],
+            inv_temp,
+            D=dim,
+            BLOCK_D=block_d,
+            BLOCK_M=block_rows,
+            BLOCK_K=max(16, block // block_rows),
         )
     return loss, lse
 
 
-def sampled_softmax_bwd(grad_loss, query, pos_ids, neg_ids, table, loss, lse, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def sampled_softmax_bwd(
+    grad_loss, query, pos_ids, neg_ids, table, loss, lse, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward launcher: (d_query in query's dtype, dense d_table in table's dtype)."""
     num_rows, dim = query.shape
     d_query = torch.empty_like(query, memory_format=torch.contiguous_format)
@@ -270,10 +381,28 @@ def sampled_softmax_bwd(grad_loss, query, pos_ids, neg_ids, table, loss, lse, te
     if shared_negatives(neg_ids):
         d_neg_hat = torch.zeros((num_neg, block_d), dtype=torch.float32, device=query.device)
         _ssm_bwd_shared[(triton.cdiv(num_rows, block),)](
-            query, pos_ids, neg_ids, table, loss, lse, grad_loss, d_query, d_table, d_neg_hat,
-            query.stride(0), neg_ids.stride(1), table.stride(0), d_query.stride(0), d_table.stride(0),
-            num_rows, num_neg, inv_temp,
-            D=dim, BLOCK_D=block_d, BLOCK_M=block, BLOCK_K=block,
+            query,
+            pos_ids,
+            neg_ids,
+            table,
+            loss,
+            lse,
+            grad_loss,
+            d_query,
+            d_table,
+            d_neg_hat,
+            query.stride(0),
+            neg_ids.stride(1),
+            table.stride(0),
+            d_query.stride(0),
+            d_table.stride(0),
+            num_rows,
+            num_neg,
+            inv_temp,
+            D=dim,
+            BLOCK_D=block_d,
+            BLOCK_M=block,
+            BLOCK_K=block,
         )
         # K rows: through the normalisation of each negative, then into the table.
         shared = neg_ids[0]
@@ -282,13 +411,33 @@ def sampled_softmax_bwd(grad_loss, query, pos_ids, neg_ids, table, loss, lse, te
         r_hat = rows / norms.clamp_min(NORMALIZE_EPS)
         d_r_hat = d_neg_hat[:, :dim]
         proj = (r_hat * d_r_hat).sum(1, keepdim=True)
-        d_rows = torch.where(norms > NORMALIZE_EPS, (d_r_hat - r_hat * proj) / norms.clamp_min(NORMALIZE_EPS), d_r_hat / NORMALIZE_EPS)
+        d_rows = torch.where(
+            norms > NORMALIZE_EPS, (d_r_hat - r_hat * proj) / norms.clamp_min(NORMALIZE_EPS), d_r_hat / NORMALIZE_EPS
+        )
         d_table.index_add_(0, shared, d_rows)
     else:
         _ssm_bwd_rows[(triton.cdiv(num_rows, block_rows),)](
-            query, pos_ids, neg_ids, table, loss, lse, grad_loss, d_query, d_table,
-            query.stride(0), neg_ids.stride(0), neg_ids.stride(1), table.stride(0), d_query.stride(0), d_table.stride(0),
-            num_rows, num_neg, inv_temp,
-            D=dim, BLOCK_D=block_d, BLOCK_M=block_rows, BLOCK_K=max(16, block // block_rows),
+            query,
+            pos_ids,
+            neg_ids,
+            table,
+            loss,
+            lse,
+            grad_loss,
+            d_query,
+            d_table,
+            query.stride(0),
+            neg_ids.stride(0),
+            neg_ids.stride(1),
+            table.stride(0),
+            d_query.stride(0),
+            d_table.stride(0),
+            num_rows,
+            num_neg,
+            inv_temp,
+            D=dim,
+            BLOCK_D=block_d,
+            BLOCK_M=block_rows,
+            BLOCK_K=max(16, block // block_rows),
         )
     return d_query, d_table.to(table.dtype)

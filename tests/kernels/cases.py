@@ -21,7 +21,16 @@ import torch
 from hypothesis import strategies as st
 
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (5e-2, 2e-2)}  # (max ratio, norm ratio)
-TIMESTAMP_SPAN = 10_000  # keeps every gap below the first float32-ambiguous bucket edge (417,901 s)
+# Timestamps are log-uniform in [1, 2^29) s, query times up to 2^28 s later: gaps from seconds
+# to 17 years, so the tables' buckets are met from the first to the last, and one sequence
+# spans less than 2^30 s. Both implementations bucket gaps exactly (integer boundaries), so
+# any gap compares.
+TIMESTAMP_SPAN = 2**29
+
+
+def _log_uniform_seconds(count: int, span: int, gen: torch.Generator) -> torch.Tensor:
+    """`count` int64 seconds in [1, span), log-uniform: every decade of seconds equally likely."""
+    return torch.exp(torch.rand(count, generator=gen, dtype=torch.float64) * math.log(span)).long().clamp(1, span - 1)
 
 
 def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
@@ -39,7 +48,8 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype:
     max_err = (actual - expected).abs().max().item() / scale
     norm_err = ((actual - expected).norm() / expected.norm()).item()
     assert max_err <= max_tol and norm_err <= norm_tol, (
-        f"{name}: max error {max_err:.3g} (tol {max_tol}), norm error {norm_err:.3g} (tol {norm_tol}), scale {scale:.3g}"
+        f"{name}: max error {max_err:.3g} (tol {max_tol}), norm error {norm_err:.3g} (tol {norm_tol}), "
+        f"scale {scale:.3g}"
     )
 
 
@@ -116,13 +126,13 @@ def hstu_inputs(case: HstuCase, device: str, dtype: torch.dtype) -> dict:
     def leaf(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype).requires_grad_()
 
-    timestamps = torch.randint(0, TIMESTAMP_SPAN, (total,), generator=gen)
+    timestamps = _log_uniform_seconds(total, TIMESTAMP_SPAN, gen)
     if case.sorted_timestamps:
         pieces = [timestamps[s:e].sort().values for s, e in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
         timestamps = torch.cat(pieces) if pieces else timestamps
     query_timestamps = None
     if case.query_times:
-        query_timestamps = timestamps + torch.randint(0, TIMESTAMP_SPAN // 2, (total,), generator=gen)
+        query_timestamps = timestamps + _log_uniform_seconds(total, TIMESTAMP_SPAN // 2, gen)
     args = dict(
         q=leaf(total, case.heads, case.dqk),
         k=leaf(total, case.heads, case.dqk),
@@ -273,7 +283,11 @@ def check_softmax_case(case: SoftmaxCase, device: str, dtype: torch.dtype, impl:
     both gradients."""
     inputs = softmax_inputs(case, device, dtype)
     got = run_softmax(inputs, impl)
-    ref = dict(inputs, query=inputs["query"].detach().float().requires_grad_(), table=inputs["table"].detach().float().requires_grad_())
+    ref = dict(
+        inputs,
+        query=inputs["query"].detach().float().requires_grad_(),
+        table=inputs["table"].detach().float().requires_grad_(),
+    )
     want = run_softmax(ref, "reference")
     for name in want:
         assert_close(f"{name} ({case})", got[name].float(), want[name], dtype)

@@ -34,9 +34,22 @@ def run_interpreted_pytest(test_file: str) -> None:
     """
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("HSTU_KERNEL_IMPL", None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--timeout", str(INTERPRETER_TIMEOUT_S), test_file]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+        "--timeout",
+        str(INTERPRETER_TIMEOUT_S),
+        test_file,
+    ]
     try:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=INTERPRETER_TIMEOUT_S + 60)
+        proc = subprocess.run(
+            cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=INTERPRETER_TIMEOUT_S + 60
+        )
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"{' '.join(cmd)} ran past {INTERPRETER_TIMEOUT_S + 60} s:\n{(exc.stdout or '')[-4000:]}")
     if proc.returncode != 0:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, given, settings
 
 from kernels._dispatch import triton_interpreted
 from tests.kernels.cases import EDGE_HSTU_CASES, EDGE_HSTU_IDS, check_hstu_case, hstu_cases, hstu_inputs
 
 pytestmark = pytest.mark.skipif(
-    not triton_interpreted(), reason="needs TRITON_INTERPRET=1 before triton is imported (test_hstu_attention.py sets it)"
+    not triton_interpreted(),
+    reason="needs TRITON_INTERPRET=1 before triton is imported (test_hstu_attention.py sets it)",
 )
 
 
@@ -26,8 +27,13 @@ def test_edge_cases_match_reference(case):
     check_hstu_case(case, "cpu", torch.float32)
 
 
-@settings(max_examples=10, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=10,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(case=hstu_cases())
 def test_random_cases_match_reference(case):
     check_hstu_case(case, "cpu", torch.float32)
@@ -36,12 +42,26 @@ def test_random_cases_match_reference(case):
 def test_custom_ops_pass_opcheck():
     """Schema, autograd registration, fake tensors and AOT dispatch of both custom ops."""
     inputs = hstu_inputs(EDGE_HSTU_CASES[4], "cpu", torch.float32)["args"]  # every optional input present
-    args = (inputs["q"], inputs["k"], inputs["v"], inputs["seq_offsets"], inputs["max_seq_len"], inputs["alpha"],
-            inputs["num_targets"], inputs["timestamps"], inputs["pos_bias"], inputs["time_bias"], False,
-            inputs["query_timestamps"])
+    args = (
+        inputs["q"],
+        inputs["k"],
+        inputs["v"],
+        inputs["seq_offsets"],
+        inputs["max_seq_len"],
+        inputs["alpha"],
+        inputs["num_targets"],
+        inputs["timestamps"],
+        inputs["pos_bias"],
+        inputs["time_bias"],
+        False,
+        inputs["query_timestamps"],
+    )
     torch.library.opcheck(torch.ops.hstu_rt.hstu_attention_triton.default, args)
     dout = torch.randn(inputs["v"].shape)
-    torch.library.opcheck(torch.ops.hstu_rt.hstu_attention_triton_bwd.default, (dout, *[a.detach() if isinstance(a, torch.Tensor) else a for a in args]))
+    torch.library.opcheck(
+        torch.ops.hstu_rt.hstu_attention_triton_bwd.default,
+        (dout, *[a.detach() if isinstance(a, torch.Tensor) else a for a in args]),
+    )
 
 
 def test_backward_of_strided_views_matches_contiguous():

@@ -16,7 +16,8 @@ from kernels._dispatch import triton_interpreted
 from tests.kernels.cases import EDGE_SOFTMAX_CASES, check_softmax_case, softmax_cases, softmax_inputs
 
 pytestmark = pytest.mark.skipif(
-    not triton_interpreted(), reason="needs TRITON_INTERPRET=1 before triton is imported (test_sampled_softmax.py sets it)"
+    not triton_interpreted(),
+    reason="needs TRITON_INTERPRET=1 before triton is imported (test_sampled_softmax.py sets it)",
 )
 
 
@@ -25,8 +26,13 @@ def test_edge_cases_match_reference(case):
     check_softmax_case(case, "cpu", torch.float32)
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(case=softmax_cases())
 def test_random_cases_match_reference(case):
     check_softmax_case(case, "cpu", torch.float32)
@@ -45,8 +51,14 @@ def test_all_negatives_masked_gives_exactly_zero_gradient():
 
     table = torch.randn(1, 16, requires_grad=True)
     query = torch.randn(49, 16, requires_grad=True)
-    loss = sampled_softmax_loss(query, torch.zeros(49, dtype=torch.int64), torch.zeros(49, 2, dtype=torch.int64), table,
-                                temperature=0.05, impl="triton")
+    loss = sampled_softmax_loss(
+        query,
+        torch.zeros(49, dtype=torch.int64),
+        torch.zeros(49, 2, dtype=torch.int64),
+        table,
+        temperature=0.05,
+        impl="triton",
+    )
     loss.backward(torch.randn(49))
     assert loss.abs().max().item() == 0.0
     assert table.grad.abs().max().item() == 0.0 and query.grad.abs().max().item() == 0.0

@@ -21,8 +21,9 @@ from kernels.pytorch.pt_hstu_attention import pt_hstu_attention, relative_positi
 from tests.kernels.cases import EDGE_HSTU_CASES, EDGE_HSTU_IDS, check_hstu_case, hstu_cases, hstu_inputs
 
 
-def naive_hstu(q, k, v, offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize,
-               query_timestamps=None):
+def naive_hstu(
+    q, k, v, offsets, max_seq_len, alpha, num_targets, timestamps, pos_bias, time_bias, normalize, query_timestamps=None
+):
     """The formula, one pair at a time, in float64: the oracle for the reference."""
     query_timestamps = timestamps if query_timestamps is None else query_timestamps
     out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=torch.float64)
@@ -52,7 +53,11 @@ def test_reference_matches_naive_loops(targets, bias, normalize):
     torch.manual_seed(0)
     lengths = [5, 0, 3, 1]
     offsets = torch.tensor([0, 5, 5, 8, 9])
-    q, k, v = torch.randn(9, 2, 8, dtype=torch.float64), torch.randn(9, 2, 8, dtype=torch.float64), torch.randn(9, 2, 4, dtype=torch.float64)
+    q, k, v = (
+        torch.randn(9, 2, 8, dtype=torch.float64),
+        torch.randn(9, 2, 8, dtype=torch.float64),
+        torch.randn(9, 2, 4, dtype=torch.float64),
+    )
     num_targets = torch.tensor(targets) if targets else None
     timestamps = torch.tensor([0, 1, 5, 100, 4000, 7, 7, 9000, 3])
     pos_bias = torch.randn(2, 3, dtype=torch.float64) if bias in ("pos", "both") else None
@@ -60,8 +65,15 @@ def test_reference_matches_naive_loops(targets, bias, normalize):
     # query times: each row's time gaps are measured from the next token's time (the request time)
     query = torch.tensor([1, 5, 100, 4000, 4100, 7, 9000, 9000, 50]) if bias == "time-query" else None
     args = (q, k, v, offsets, max(lengths) + 1)
-    kwargs = dict(alpha=0.4, num_targets=num_targets, timestamps=timestamps, pos_bias=pos_bias, time_bias=time_bias,
-                  normalize_by_length=normalize, query_timestamps=query)
+    kwargs = dict(
+        alpha=0.4,
+        num_targets=num_targets,
+        timestamps=timestamps,
+        pos_bias=pos_bias,
+        time_bias=time_bias,
+        normalize_by_length=normalize,
+        query_timestamps=query,
+    )
     got = pt_hstu_attention(*args, **kwargs)
     want = naive_hstu(*args, 0.4, num_targets, timestamps, pos_bias, time_bias, normalize, query)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
@@ -79,8 +91,18 @@ def test_reference_gradients_match_finite_differences(targets):
     num_targets = torch.tensor(targets) if targets else None
 
     def attention(q, k, v, pos_bias, time_bias):
-        return pt_hstu_attention(q, k, v, offsets, 6, alpha=0.4, num_targets=num_targets, timestamps=timestamps,
-                                 pos_bias=pos_bias, time_bias=time_bias)
+        return pt_hstu_attention(
+            q,
+            k,
+            v,
+            offsets,
+            6,
+            alpha=0.4,
+            num_targets=num_targets,
+            timestamps=timestamps,
+            pos_bias=pos_bias,
+            time_bias=time_bias,
+        )
 
     assert torch.autograd.gradcheck(attention, (q, k, v, pos_bias, time_bias))
 
@@ -90,6 +112,8 @@ def test_bucket_functions():
     # floor(ln(gap) / 0.301): ln 2 = 0.69 -> 2, ln 3 = 1.10 -> 3, ln 60 = 4.09 -> 13, ...
     assert time_bucket(gaps, 64).tolist() == [0, 0, 2, 3, 13, 27, 37, 63]
     assert time_bucket(gaps, 10).tolist() == [0, 0, 2, 3, 9, 9, 9, 9]
+    # ln(417,901) / 0.301 = 42.9999995: a float32 log says 43; the integer boundaries do not
+    assert time_bucket(torch.tensor([417_901, 417_902]), 64).tolist() == [42, 43]
     assert relative_position_bucket(torch.tensor([0, 1, 5, 99]), 6).tolist() == [0, 1, 5, 5]
 
 
@@ -98,11 +122,18 @@ def test_candidate_order_does_not_change_their_outputs():
     torch.manual_seed(1)
     q, k, v = torch.randn(10, 1, 8), torch.randn(10, 1, 8), torch.randn(10, 1, 8)
     timestamps = torch.arange(10) * 1000
-    kwargs = dict(alpha=0.3, num_targets=torch.tensor([4]), timestamps=timestamps, pos_bias=torch.randn(1, 12),
-                  time_bias=torch.randn(1, 40))
+    kwargs = dict(
+        alpha=0.3,
+        num_targets=torch.tensor([4]),
+        timestamps=timestamps,
+        pos_bias=torch.randn(1, 12),
+        time_bias=torch.randn(1, 40),
+    )
     out = hstu_attention(q, k, v, torch.tensor([0, 10]), 10, **kwargs)
     perm = torch.tensor([0, 1, 2, 3, 4, 5, 9, 7, 6, 8])  # shuffle the last four tokens
-    out_perm = hstu_attention(q[perm], k[perm], v[perm], torch.tensor([0, 10]), 10, **dict(kwargs, timestamps=timestamps[perm]))
+    out_perm = hstu_attention(
+        q[perm], k[perm], v[perm], torch.tensor([0, 10]), 10, **dict(kwargs, timestamps=timestamps[perm])
+    )
     torch.testing.assert_close(out_perm, out[perm])
 
 
@@ -156,8 +187,18 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(fresh_log):
 
 
 def _bad(**overrides):
-    args = dict(q=torch.randn(5, 2, 16), k=torch.randn(5, 2, 16), v=torch.randn(5, 2, 8), seq_offsets=torch.tensor([0, 2, 5]),
-                max_seq_len=4, alpha=0.5, num_targets=None, timestamps=None, pos_bias=None, time_bias=None)
+    args = dict(
+        q=torch.randn(5, 2, 16),
+        k=torch.randn(5, 2, 16),
+        v=torch.randn(5, 2, 8),
+        seq_offsets=torch.tensor([0, 2, 5]),
+        max_seq_len=4,
+        alpha=0.5,
+        num_targets=None,
+        timestamps=None,
+        pos_bias=None,
+        time_bias=None,
+    )
     args.update(overrides)
     return args
 
@@ -176,10 +217,19 @@ def _bad(**overrides):
         (dict(time_bias=torch.randn(2, 4)), "time_bias needs timestamps"),
         (dict(timestamps=torch.randn(5), time_bias=torch.randn(2, 4)), "timestamps must be an integer tensor"),
         (dict(query_timestamps=torch.arange(5)), "query_timestamps needs timestamps"),
-        (dict(timestamps=torch.arange(5), query_timestamps=torch.arange(4)), "query_timestamps must have shape \\(5,\\)"),
-        (dict(timestamps=torch.arange(5), query_timestamps=torch.rand(5)), "query_timestamps must be an integer tensor"),
+        (
+            dict(timestamps=torch.arange(5), query_timestamps=torch.arange(4)),
+            "query_timestamps must have shape \\(5,\\)",
+        ),
+        (
+            dict(timestamps=torch.arange(5), query_timestamps=torch.rand(5)),
+            "query_timestamps must be an integer tensor",
+        ),
         (dict(seq_offsets=torch.tensor([0, 2, 4])), "seq_offsets must start at 0 and end at T=5"),
-        (dict(seq_offsets=torch.tensor([0, 3, 2, 5])), "non-decreasing, got seq_offsets\\[1\\]=3 > seq_offsets\\[2\\]=2"),
+        (
+            dict(seq_offsets=torch.tensor([0, 3, 2, 5])),
+            "non-decreasing, got seq_offsets\\[1\\]=3 > seq_offsets\\[2\\]=2",
+        ),
         (dict(max_seq_len=2), "a sequence has 3 tokens \\(sequence 1\\), more than max_seq_len=2"),
         (dict(num_targets=torch.tensor([0, 4])), "got num_targets\\[1\\]=4 for a sequence of 3 tokens"),
     ],
@@ -201,8 +251,13 @@ def test_gpu_bf16_edge_cases_match_reference(cuda_device, case):
 
 
 @pytest.mark.gpu
-@settings(max_examples=10, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=10,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
 @given(case=hstu_cases())
 def test_gpu_bf16_random_cases_match_reference(cuda_device, case):
     check_hstu_case(case, cuda_device, torch.bfloat16)
@@ -246,5 +301,14 @@ def test_timestamps_spanning_34_years_are_rejected():
     ok = torch.tensor([1_700_000_000, 1_700_000_001, 1_700_000_060])
     hstu_attention(q, k, v, torch.tensor([0, 3]), 3, alpha=0.5, timestamps=ok, time_bias=torch.zeros(1, 8))
     with pytest.raises(KernelInputError, match="span 1700000060 s"):  # query times count too
-        hstu_attention(q, k, v, torch.tensor([0, 3]), 3, alpha=0.5, timestamps=ok, time_bias=torch.zeros(1, 8),
-                       query_timestamps=torch.tensor([0, 1_700_000_001, 1_700_000_060]))
+        hstu_attention(
+            q,
+            k,
+            v,
+            torch.tensor([0, 3]),
+            3,
+            alpha=0.5,
+            timestamps=ok,
+            time_bias=torch.zeros(1, 8),
+            query_timestamps=torch.tensor([0, 1_700_000_001, 1_700_000_060]),
+        )

@@ -45,7 +45,9 @@ def test_reference_matches_naive_loop(shared):
 def test_accidental_hits_are_masked():
     """A row whose negatives all equal its positive has loss 0, whatever the logits."""
     table = torch.randn(4, 8)
-    loss = pt_sampled_softmax_loss(torch.randn(2, 8), torch.tensor([1, 2]), torch.tensor([[1, 1], [2, 2]]), table, temperature=0.1)
+    loss = pt_sampled_softmax_loss(
+        torch.randn(2, 8), torch.tensor([1, 2]), torch.tensor([[1, 1], [2, 2]]), table, temperature=0.1
+    )
     torch.testing.assert_close(loss, torch.zeros(2))
 
 
@@ -59,8 +61,13 @@ def test_dense_cpu_path_matches_reference_on_edge_cases(case):
     check_softmax_case(case, "cpu", torch.float32, impl="dense")
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(case=softmax_cases())
 def test_dense_cpu_path_matches_reference(case):
     """Loss, d_query and d_table in float32: accidental hits, shared sets, a zero row, V = 1."""
@@ -80,7 +87,9 @@ def test_dense_cpu_path_chunks_queries(monkeypatch):
 
 
 def test_cpu_tensors_use_pytorch_dense_for_small_tables_and_the_gather_otherwise():
-    assert dense_pays_off(DENSE_MAX_ROWS_PER_NEGATIVE * 4, 4) and not dense_pays_off(DENSE_MAX_ROWS_PER_NEGATIVE * 4 + 1, 4)
+    assert dense_pays_off(DENSE_MAX_ROWS_PER_NEGATIVE * 4, 4) and not dense_pays_off(
+        DENSE_MAX_ROWS_PER_NEGATIVE * 4 + 1, 4
+    )
     for vocab in (10, DENSE_MAX_ROWS_PER_NEGATIVE * 4 + 1):
         table = torch.randn(vocab, 16, requires_grad=True)
         args = (torch.randn(3, 16), torch.tensor([0, 1, 2]), torch.randint(0, vocab, (3, 4)), table)
@@ -118,8 +127,13 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     ],
 )
 def test_bad_inputs_are_rejected_with_the_offending_value(overrides, message):
-    args = dict(query=torch.randn(3, 16), pos_ids=torch.tensor([0, 1, 2]), neg_ids=torch.randint(0, 10, (3, 4)),
-                table=torch.randn(10, 16), temperature=0.1)
+    args = dict(
+        query=torch.randn(3, 16),
+        pos_ids=torch.tensor([0, 1, 2]),
+        neg_ids=torch.randint(0, 10, (3, 4)),
+        table=torch.randn(10, 16),
+        temperature=0.1,
+    )
     args.update(overrides)
     temperature = args.pop("temperature")
     with pytest.raises(KernelInputError, match=message):
@@ -133,8 +147,13 @@ def test_gpu_bf16_edge_cases_match_reference(cuda_device, case):
 
 
 @pytest.mark.gpu
-@settings(max_examples=20, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=20,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
 @given(case=softmax_cases())
 def test_gpu_bf16_random_cases_match_reference(cuda_device, case):
     check_softmax_case(case, cuda_device, torch.bfloat16)
