@@ -18,9 +18,9 @@ hour), and the kernel's HSTU mask is causal with no candidates, like SDPA's.
 
 Every figure is one JSON line on stdout; the table, progress and the plot path go to stderr.
 
-    python benchmarks/kernels.py                              # all figures, a few minutes on an H100
-    python benchmarks/kernels.py --seq-lens 512,2048 --skip-loss
-    python benchmarks/kernels.py --device cpu                 # reference vs SDPA-math ratios
+    python -m benchmarks.kernels                              # all figures, a few minutes on an H100
+    python -m benchmarks.kernels --seq-lens 512,2048 --skip-loss
+    python -m benchmarks.kernels --device cpu                 # reference vs SDPA-math ratios
 """
 
 from __future__ import annotations
@@ -33,14 +33,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from infra.paths import state_dir  # noqa: E402
-from kernels.hstu_attention import hstu_attention  # noqa: E402
-from kernels.sampled_softmax import sampled_softmax_loss  # noqa: E402
+from config.paths import state_dir
+from kernels.hstu_attention import hstu_attention
+from kernels.sampled_softmax import sampled_softmax_loss
 
 
 def log(msg: str) -> None:
@@ -109,8 +107,17 @@ def hstu_call(point: dict, impl: str, backward: bool):
 
     def run():
         out = hstu_attention(
-            a["q"], a["k"], a["v"], a["seq_offsets"], a["max_seq_len"], alpha=1.0 / math.sqrt(a["q"].shape[-1]),
-            timestamps=a["timestamps"], pos_bias=a["pos_bias"], time_bias=a["time_bias"], impl=impl, validate=False,
+            a["q"],
+            a["k"],
+            a["v"],
+            a["seq_offsets"],
+            a["max_seq_len"],
+            alpha=1.0 / math.sqrt(a["q"].shape[-1]),
+            timestamps=a["timestamps"],
+            pos_bias=a["pos_bias"],
+            time_bias=a["time_bias"],
+            impl=impl,
+            validate=False,
         )
         if backward:
             out.backward(point["grad"])
@@ -175,9 +182,17 @@ def check_point(point: dict) -> dict:
         out = run()
         results[impl] = [out.detach().float()] + [x.grad.detach().float() for x in leaves]
     a = point["inputs"]
-    names = ["out"] + [name for name, x in (("d_q", a["q"]), ("d_k", a["k"]), ("d_v", a["v"]),
-                                            ("d_pos_bias", a["pos_bias"]), ("d_time_bias", a["time_bias"]))
-                       if x is not None]
+    names = ["out"] + [
+        name
+        for name, x in (
+            ("d_q", a["q"]),
+            ("d_k", a["k"]),
+            ("d_v", a["v"]),
+            ("d_pos_bias", a["pos_bias"]),
+            ("d_time_bias", a["time_bias"]),
+        )
+        if x is not None
+    ]
     for name, got, want in zip(names, results["triton"], results["pytorch"]):
         errors[name] = float((got - want).norm() / want.norm().clamp_min(1e-30))
     return errors
@@ -192,9 +207,16 @@ def bias_label(setup: Setup) -> str:
     return "+".join(parts) or "none"
 
 
-def bench_attention(setup: Setup, seq_lens: list[int], sparsities: list[float], context: dict, *,
-                    impls: list[str] | None = None, reference_bwd_max_n: int = 512,
-                    sdpa_times: dict | None = None) -> list[dict]:
+def bench_attention(
+    setup: Setup,
+    seq_lens: list[int],
+    sparsities: list[float],
+    context: dict,
+    *,
+    impls: list[str] | None = None,
+    reference_bwd_max_n: int = 512,
+    sdpa_times: dict | None = None,
+) -> list[dict]:
     """Time every (N, sparsity) point; `sdpa_times` lends SDPA timings measured in an earlier sweep."""
     rows = []
     cuda = setup.device == "cuda"
@@ -207,10 +229,26 @@ def bench_attention(setup: Setup, seq_lens: list[int], sparsities: list[float], 
             point = jagged_batch(setup, n, sparsity)
             if cuda and n == min(seq_lens) and sparsity == sparsities[0] and "pytorch" in impls:
                 for name, err in check_point(point).items():
-                    emit("hstu_triton_vs_reference_rel_error", err, "ratio", tensor=name, max_seq_len=n, sparsity=sparsity,
-                         bias=bias, **context)
-            base = dict(max_seq_len=n, sparsity=sparsity, realized_sparsity=round(point["realized_sparsity"], 4),
-                        batch=point["batch"], heads=setup.heads, dim=setup.dim, bias=bias, **context)
+                    emit(
+                        "hstu_triton_vs_reference_rel_error",
+                        err,
+                        "ratio",
+                        tensor=name,
+                        max_seq_len=n,
+                        sparsity=sparsity,
+                        bias=bias,
+                        **context,
+                    )
+            base = dict(
+                max_seq_len=n,
+                sparsity=sparsity,
+                realized_sparsity=round(point["realized_sparsity"], 4),
+                batch=point["batch"],
+                heads=setup.heads,
+                dim=setup.dim,
+                bias=bias,
+                **context,
+            )
             jagged_flops = 4.0 * point["pairs"] * setup.heads * setup.dim  # QK^T and PV, causal pairs only
             padded_flops = 4.0 * point["batch"] * n * (n + 1) / 2 * setup.heads * setup.dim
             row = dict(n=n, sparsity=sparsity)
@@ -225,27 +263,44 @@ def bench_attention(setup: Setup, seq_lens: list[int], sparsities: list[float], 
                         fn, leaves = hstu_call(point, impl, backward)
                         flops = jagged_flops * flop_factor
                     if cuda and impl == "pytorch" and backward and n > reference_bwd_max_n:
-                        emit("hstu_attention_not_timed", 1, "point", impl=impl, mode=mode,
-                             reason=f"the dense reference's backward takes seconds per call; timed up to N={reference_bwd_max_n}", **base)
+                        emit(
+                            "hstu_attention_not_timed",
+                            1,
+                            "point",
+                            impl=impl,
+                            mode=mode,
+                            reason="the dense reference's backward takes seconds per call; "
+                            f"timed up to N={reference_bwd_max_n}",
+                            **base,
+                        )
                         row[(impl, mode)] = None
                         continue
                     try:
                         ms = time_ms(fn, leaves, setup.device, slow=impl == "pytorch")
                     except Exception as exc:  # report and go on: one failing implementation must not hide the others
-                        emit("hstu_attention_not_timed", 1, "point", impl=impl, mode=mode, reason=repr(exc)[:500],
-                             **base)
+                        emit(
+                            "hstu_attention_not_timed", 1, "point", impl=impl, mode=mode, reason=repr(exc)[:500], **base
+                        )
                         log(f"  N={n:5d} s={sparsity:.1f} {mode:7s} {impl:12s} FAILED {exc!r}"[:300])
                         row[(impl, mode)] = None
                         continue
                     row[(impl, mode)] = ms
                     if ms is None:
-                        emit("hstu_attention_not_timed", 1, "point", impl=impl, mode=mode, reason="out of memory",
-                             **base)
+                        emit(
+                            "hstu_attention_not_timed", 1, "point", impl=impl, mode=mode, reason="out of memory", **base
+                        )
                     else:
                         emit("hstu_attention_time", ms, "ms", impl=impl, mode=mode, **base)
                         row[("tflops", impl, mode)] = flops / ms / 1e9
-                        emit("hstu_attention_throughput", flops / ms / 1e9, "TFLOP/s", impl=impl, mode=mode,
-                             flops_counted="padded causal" if impl.startswith("sdpa") else "jagged causal", **base)
+                        emit(
+                            "hstu_attention_throughput",
+                            flops / ms / 1e9,
+                            "TFLOP/s",
+                            impl=impl,
+                            mode=mode,
+                            flops_counted="padded causal" if impl.startswith("sdpa") else "jagged causal",
+                            **base,
+                        )
                     log(f"  N={n:5d} s={sparsity:.1f} {mode:7s} {impl:12s} {'OOM' if ms is None else f'{ms:9.3f} ms'}")
                 if cuda:
                     torch.cuda.empty_cache()
@@ -273,14 +328,20 @@ def print_table(rows: list[dict], cuda: bool) -> None:
         return "-" if x is None else format(x, spec)
 
     header = f"{'N':>6} {'sparsity':>8} {'mode':>8} {base + ' ms':>12} {'TFLOP/s':>8} " + " ".join(
-        f"{o + ' ms':>14} {'TFLOP/s':>8} {'x vs ' + o:>14}" for o in others)
+        f"{o + ' ms':>14} {'TFLOP/s':>8} {'x vs ' + o:>14}" for o in others
+    )
     log(header)
     for row in rows:
         for mode in ("fwd", "fwd+bwd"):
-            cells = [f"{fmt(row.get((o, mode)), '.3f'):>14} {fmt(row.get(('tflops', o, mode)), '.1f'):>8} "
-                     f"{fmt(row.get(('ratio', o, mode)), '.2f'):>13}x" for o in others]
-            log(f"{row['n']:>6} {row['sparsity']:>8.1f} {mode:>8} {fmt(row.get((base, mode)), '.3f'):>12} "
-                f"{fmt(row.get(('tflops', base, mode)), '.1f'):>8} " + " ".join(cells))
+            cells = [
+                f"{fmt(row.get((o, mode)), '.3f'):>14} {fmt(row.get(('tflops', o, mode)), '.1f'):>8} "
+                f"{fmt(row.get(('ratio', o, mode)), '.2f'):>13}x"
+                for o in others
+            ]
+            log(
+                f"{row['n']:>6} {row['sparsity']:>8.1f} {mode:>8} {fmt(row.get((base, mode)), '.3f'):>12} "
+                f"{fmt(row.get(('tflops', base, mode)), '.1f'):>8} " + " ".join(cells)
+            )
 
 
 def plot(rows: list[dict], path: Path, cuda: bool, title: str) -> None:
@@ -330,7 +391,8 @@ def bench_loss(device: str, dtype: torch.dtype, rows: int, negatives: int, dim: 
         base = dict(layout=layout, rows=rows, negatives=negatives, dim=dim, vocab=vocab, **context)
         peaks = {}
         for impl in impls:
-            def run():
+
+            def run(neg_ids=neg_ids, impl=impl):  # bound now: timed inside this iteration
                 loss = sampled_softmax_loss(query, pos_ids, neg_ids, table, temperature=0.05, impl=impl, validate=False)
                 loss.backward(grad)
                 return loss
@@ -350,37 +412,69 @@ def bench_loss(device: str, dtype: torch.dtype, rows: int, negatives: int, dim: 
                 torch.cuda.synchronize()
                 peak = torch.cuda.max_memory_allocated() - before
                 peaks[impl] = peak
-                emit("sampled_softmax_peak_memory", peak / 2**20, "MiB", impl=impl, mode="fwd+bwd",
-                     note="above the inputs; includes the dense [V, D] table gradient", **base)
+                emit(
+                    "sampled_softmax_peak_memory",
+                    peak / 2**20,
+                    "MiB",
+                    impl=impl,
+                    mode="fwd+bwd",
+                    note="above the inputs; includes the dense [V, D] table gradient",
+                    **base,
+                )
                 query.grad = table.grad = None
-            log(f"  loss {layout:11s} {impl:8s} " + ("      OOM" if ms is None else f"{ms:9.3f} ms") + (f"  peak {peaks[impl] / 2**20:9.1f} MiB" if impl in peaks else ""))
+            log(
+                f"  loss {layout:11s} {impl:8s} "
+                + ("      OOM" if ms is None else f"{ms:9.3f} ms")
+                + (f"  peak {peaks[impl] / 2**20:9.1f} MiB" if impl in peaks else "")
+            )
         if len(peaks) == 2:
-            emit("sampled_softmax_peak_memory_ratio", peaks["triton"] / peaks["pytorch"], "ratio", versus="pytorch", **base)
+            emit(
+                "sampled_softmax_peak_memory_ratio",
+                peaks["triton"] / peaks["pytorch"],
+                "ratio",
+                versus="pytorch",
+                **base,
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    parser.add_argument("--seq-lens", default=None, help="comma-separated N (default 512..8192 on CUDA, 128..512 on CPU)")
+    parser.add_argument(
+        "--seq-lens", default=None, help="comma-separated N (default 512..8192 on CUDA, 128..512 on CPU)"
+    )
     parser.add_argument("--sparsities", default="0.5,0.9")
     parser.add_argument("--token-budget", type=int, default=None, help="B * N (default 65536 on CUDA, 2048 on CPU)")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--pos-buckets", type=int, default=0, help="0: one per position up to N; -1: no position table")
     parser.add_argument("--time-buckets", type=int, default=64, help="-1: no time table")
-    parser.add_argument("--reference-bwd-max-n", type=int, default=512,
-                        help="time the dense reference's forward+backward only up to this N (seconds per call)")
-    parser.add_argument("--also-no-bias", action="store_true",
-                        help="then time the Triton kernel again without bias tables (vs the same SDPA timings)")
+    parser.add_argument(
+        "--reference-bwd-max-n",
+        type=int,
+        default=512,
+        help="time the dense reference's forward+backward only up to this N (seconds per call)",
+    )
+    parser.add_argument(
+        "--also-no-bias",
+        action="store_true",
+        help="then time the Triton kernel again without bias tables (vs the same SDPA timings)",
+    )
     parser.add_argument("--skip-attention", action="store_true")
     parser.add_argument("--skip-loss", action="store_true")
     parser.add_argument("--loss-rows", type=int, default=8192)
     parser.add_argument("--loss-negatives", type=int, default=128)
     parser.add_argument("--loss-dim", type=int, default=64)
     parser.add_argument("--loss-vocab", type=int, default=100_000)
-    parser.add_argument("--plot", type=Path, default=None,
-                        help="PNG path (default .state/benchmarks/kernels_hstu.png; the committed "
-                             "benchmarks/kernels_hstu.png is the H100 run in RESULTS.md)")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="PNG path (default .state/benchmarks/kernels_hstu.png; the committed "
+        "benchmarks/kernels_hstu.png is the H100 run in RESULTS.md)",
+    )
     args = parser.parse_args(argv)
     if args.plot is None:
         args.plot = state_dir("benchmarks") / "kernels_hstu.png"
@@ -393,27 +487,50 @@ def main(argv: list[str] | None = None) -> None:
     seq_lens = [int(x) for x in (args.seq_lens or ("512,1024,2048,4096,8192" if cuda else "128,256,512")).split(",")]
     sparsities = [float(x) for x in args.sparsities.split(",")]
     budget = args.token_budget or (65536 if cuda else 2048)
-    context = dict(device=torch.cuda.get_device_name() if cuda else "cpu", dtype=str(dtype).removeprefix("torch."),
-                   torch=torch.__version__)
+    context = dict(
+        device=torch.cuda.get_device_name() if cuda else "cpu",
+        dtype=str(dtype).removeprefix("torch."),
+        torch=torch.__version__,
+    )
     if cuda:
         import triton
 
         context["triton"] = triton.__version__
-    setup = Setup(device, dtype, args.heads, args.dim, budget,
-                  None if args.pos_buckets < 0 else args.pos_buckets, None if args.time_buckets < 0 else args.time_buckets, 0)
-    log(f"benchmarks/kernels.py on {context['device']} ({context['dtype']}), B*N={budget}, H={args.heads}, D={args.dim}")
+    setup = Setup(
+        device,
+        dtype,
+        args.heads,
+        args.dim,
+        budget,
+        None if args.pos_buckets < 0 else args.pos_buckets,
+        None if args.time_buckets < 0 else args.time_buckets,
+        0,
+    )
+    log(
+        f"benchmarks/kernels.py on {context['device']} ({context['dtype']}), B*N={budget}, H={args.heads}, D={args.dim}"
+    )
     rows = []
     if not args.skip_attention:
         rows = bench_attention(setup, seq_lens, sparsities, context, reference_bwd_max_n=args.reference_bwd_max_n)
         print_table(rows, cuda)
-        plot(rows, args.plot, cuda, f"HSTU attention on {context['device']}, {context['dtype']}, B*N={budget}, H={args.heads}, "
-                                    f"D={args.dim}, bias tables {bias_label(setup)}")
+        plot(
+            rows,
+            args.plot,
+            cuda,
+            f"HSTU attention on {context['device']}, {context['dtype']}, B*N={budget}, H={args.heads}, "
+            f"D={args.dim}, bias tables {bias_label(setup)}",
+        )
     if not args.skip_loss:
         loss_rows = args.loss_rows if cuda else min(args.loss_rows, 1024)
         bench_loss(device, dtype, loss_rows, args.loss_negatives, args.loss_dim, args.loss_vocab, context)
     if args.also_no_bias and cuda and rows:
         log("Triton without bias tables, against the SDPA timings above:")
-        sdpa = {(r["n"], r["sparsity"], m): r[("sdpa_flash", m)] for r in rows for m in ("fwd", "fwd+bwd") if ("sdpa_flash", m) in r}
+        sdpa = {
+            (r["n"], r["sparsity"], m): r[("sdpa_flash", m)]
+            for r in rows
+            for m in ("fwd", "fwd+bwd")
+            if ("sdpa_flash", m) in r
+        }
         plain = Setup(device, dtype, args.heads, args.dim, budget, None, None, 0)
         extra = bench_attention(plain, seq_lens, sparsities, context, impls=["triton"], sdpa_times=sdpa)
         print_table(extra, cuda)

@@ -1,8 +1,10 @@
 """The streaming job's figures: sustained Kafka -> Feast throughput, and freshness at a fixed rate.
 
-    .venv/bin/python benchmarks/streaming.py                       # everything (~5 min); uses the checkout's running broker, else starts its own
-    .venv/bin/python benchmarks/streaming.py --only freshness --stores redis
-    .venv/bin/python benchmarks/streaming.py --synthetic-events 2000000 --synthetic-users 100000  # the issue's 2M stream (~+6 min)
+    # everything (~5 min); uses the checkout's running broker, else starts its own
+    .venv/bin/python -m benchmarks.streaming
+    .venv/bin/python -m benchmarks.streaming --only freshness --stores redis
+    # the issue's 2M-event stream (~6 min more)
+    .venv/bin/python -m benchmarks.streaming --synthetic-events 2000000 --synthetic-users 100000
 
 Every figure is one JSON line on stdout ({"metric", "value", "unit", ...context}); progress and
 the job's own log go to stderr. Figures:
@@ -50,10 +52,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from infra.paths import state_dir  # noqa: E402
+from config.paths import state_dir
 
 log = logging.getLogger("benchmarks.streaming")
 ML_ACTIONS = tuple(f"rate_{r}" for r in range(1, 6))
@@ -70,6 +69,7 @@ def machine() -> dict:
 
 # --- Redis ------------------------------------------------------------------------------------------
 
+
 class RedisServer:
     """A throwaway `redis-server` on a free loopback port (no persistence)."""
 
@@ -80,9 +80,23 @@ class RedisServer:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(folder)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(folder),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
@@ -114,6 +128,7 @@ class RedisServer:
 
 # --- producing ---------------------------------------------------------------------------------------
 
+
 def produce_log(table: pa.Table, bootstrap: str, topic: str, partitions: int) -> float:
     """Produce a recorded log into `topic` (each record to its recorded partition, with its
     recorded timestamp) with confluent-kafka; returns events/s. Raises if any delivery failed."""
@@ -122,8 +137,15 @@ def produce_log(table: pa.Table, bootstrap: str, topic: str, partitions: int) ->
     from infra.kafka.broker import TopicSpec, ensure_topics
 
     ensure_topics(bootstrap, (TopicSpec(name=topic, partitions=partitions),))
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 50, "batch.size": 1 << 20,
-                         "queue.buffering.max.messages": 1_000_000, "acks": 1})
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "linger.ms": 50,
+            "batch.size": 1 << 20,
+            "queue.buffering.max.messages": 1_000_000,
+            "acks": 1,
+        }
+    )
     failed: list = []
 
     def delivered(err, msg) -> None:
@@ -137,8 +159,9 @@ def produce_log(table: pa.Table, bootstrap: str, topic: str, partitions: int) ->
     for i in range(table.num_rows):
         while True:
             try:
-                producer.produce(topic, value=values[i], key=keys[i], partition=part[i], timestamp=stamps[i],
-                                 on_delivery=delivered)
+                producer.produce(
+                    topic, value=values[i], key=keys[i], partition=part[i], timestamp=stamps[i], on_delivery=delivered
+                )
                 break
             except BufferError:  # the local queue is full: let deliveries drain
                 producer.poll(0.1)
@@ -152,8 +175,9 @@ def produce_log(table: pa.Table, bootstrap: str, topic: str, partitions: int) ->
     return rate
 
 
-def _paced_producer(bootstrap: str, topic: str, rate: float, seconds: float, num_users: int, seed: int,
-                    out: mp.Queue) -> None:
+def _paced_producer(
+    bootstrap: str, topic: str, rate: float, seconds: float, num_users: int, seed: int, out: mp.Queue
+) -> None:
     """Send synthetic events at `rate`/s for `seconds`; the record timestamp is the send time."""
     from kafka import KafkaProducer
 
@@ -164,8 +188,12 @@ def _paced_producer(bootstrap: str, topic: str, rate: float, seconds: float, num
     n = int(rate * seconds)
     users = rng.integers(1, num_users + 1, size=n)
     keys = [b"%d" % u for u in users.tolist()]
-    values = encode_values(users, rng.integers(1, 50_000, size=n), [SYN_ACTIONS[i] for i in rng.integers(0, 5, size=n)],
-                           np.full(n, int(time.time() * 1000)))
+    values = encode_values(
+        users,
+        rng.integers(1, 50_000, size=n),
+        [SYN_ACTIONS[i] for i in rng.integers(0, 5, size=n)],
+        np.full(n, int(time.time() * 1000)),
+    )
     t0 = time.monotonic()
     step = 50  # events per tick
     for i in range(0, n, step):
@@ -183,31 +211,53 @@ def _paced_producer(bootstrap: str, topic: str, rate: float, seconds: float, num
 
 # --- the job -----------------------------------------------------------------------------------------
 
-def job_config(bootstrap: str, topic: str, work: Path, store: str, redis: str, actions: tuple[str, ...],
-               max_batch: int, interval: float, extra: tuple[str, ...] = ()):
+
+def job_config(
+    bootstrap: str,
+    topic: str,
+    work: Path,
+    store: str,
+    redis: str,
+    actions: tuple[str, ...],
+    max_batch: int,
+    interval: float,
+    extra: tuple[str, ...] = (),
+):
     from streaming.config import load_job_config
 
-    return load_job_config(overrides=[
-        f"source=kafka://{bootstrap}/{topic}", f"group_id=bench-{uuid.uuid4().hex[:8]}",
-        f"actions=[{', '.join(actions)}]", f"state_dir={work / 'job'}", f"feast.state_dir={work / 'feast'}",
-        f"feast.online_store={store}", f"feast.redis_address={redis or '127.0.0.1:6379'}", f"max_batch_events={max_batch}",
-        f"interval_s={interval}", "max_len=200", "progress_every_s=5", "max_future_skew_ms=null",
-        *extra])
+    return load_job_config(
+        overrides=[
+            f"source=kafka://{bootstrap}/{topic}",
+            f"group_id=bench-{uuid.uuid4().hex[:8]}",
+            f"actions=[{', '.join(actions)}]",
+            f"state_dir={work / 'job'}",
+            f"feast.state_dir={work / 'feast'}",
+            f"feast.online_store={store}",
+            f"feast.redis_address={redis or '127.0.0.1:6379'}",
+            f"max_batch_events={max_batch}",
+            f"interval_s={interval}",
+            "max_len=200",
+            "progress_every_s=5",
+            "max_future_skew_ms=null",
+            *extra,
+        ]
+    )
 
 
 def warm_up(bootstrap: str, work: Path) -> None:
     """A tiny job in the same Ray instance, so worker processes exist before anything is timed."""
     from kafka import KafkaAdminClient
 
-    from infra.datasets.movielens import movielens_events
+    from features.movielens import movielens_events
     from streaming.pipeline import StreamJob
     from streaming.recorded_log import events_to_log
 
     topic = f"bench-warm-{uuid.uuid4().hex[:8]}"
     table = events_to_log(movielens_events("ml-100k").iloc[:2000], topic=topic, num_partitions=4)
     produce_log(table, bootstrap, topic, 4)
-    cfg = job_config(bootstrap, topic, work / "warm", "sqlite", "127.0.0.1:6379", ML_ACTIONS, 1000, 0.1,
-                     ("stop_when_idle=true",))
+    cfg = job_config(
+        bootstrap, topic, work / "warm", "sqlite", "127.0.0.1:6379", ML_ACTIONS, 1000, 0.1, ("stop_when_idle=true",)
+    )
     StreamJob(cfg).run()
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     admin.delete_topics([topic])
@@ -215,15 +265,20 @@ def warm_up(bootstrap: str, work: Path) -> None:
 
 
 def dataset_log(name: str, args) -> tuple[pa.Table, tuple[str, ...], dict]:
-    from infra.datasets.movielens import movielens_events
+    from features.movielens import movielens_events
     from infra.datasets.synthetic import SyntheticConfig, generate_events
     from streaming.recorded_log import events_to_log
 
     if name == "ml-1m-subset":
         events, actions = movielens_events("ml-1m-subset"), ML_ACTIONS
     else:
-        cfg = SyntheticConfig(num_users=args.synthetic_users, num_items=args.synthetic_items,
-                              num_events=args.synthetic_events, num_days=30, seed=0)
+        cfg = SyntheticConfig(
+            num_users=args.synthetic_users,
+            num_items=args.synthetic_items,
+            num_events=args.synthetic_events,
+            num_days=30,
+            seed=0,
+        )
         t0 = time.monotonic()
         events, actions = generate_events(cfg), SYN_ACTIONS
         log.info("generated %d synthetic events in %.1f s", len(events), time.monotonic() - t0)
@@ -245,19 +300,43 @@ def bench_throughput(args, bootstrap: str, work: Path, redis: RedisServer | None
                 if redis is not None:
                     redis.flush()
                 load = machine()
-                cfg = job_config(bootstrap, topic, work / f"{name}-{store}", store, redis.address if redis else "",
-                                 actions, args.max_batch_events, 0.1, ("stop_when_idle=true", *args.job))
+                cfg = job_config(
+                    bootstrap,
+                    topic,
+                    work / f"{name}-{store}",
+                    store,
+                    redis.address if redis else "",
+                    actions,
+                    args.max_batch_events,
+                    0.1,
+                    ("stop_when_idle=true", *args.job),
+                )
                 summary = StreamJob(cfg).run()
                 if summary.records != table.num_rows:
                     raise RuntimeError(f"the job applied {summary.records} of {table.num_rows} events")
-                emit("stream_throughput_events_per_s", summary.events_per_s, "events/s", dataset=name,
-                     online_store=store, **info, batches=summary.batches, max_batch_events=args.max_batch_events,
-                     active_seconds=round(summary.active_seconds, 2), users_written=summary.users_written,
-                     stage_seconds=summary.stage_seconds, produce_events_per_s=round(produce_rate), target=50_000,
-                     reader=cfg.kafka.reader, feast_bulk_io=cfg.feast.bulk_io, read_ahead=cfg.read_ahead,
-                     read_ahead_batches=summary.read_ahead_batches,
-                     sequence_cache_events=cfg.sequence_cache_events, users_read_cached=summary.users_read_cached,
-                     users_read_feast=summary.users_read_feast, **load)
+                emit(
+                    "stream_throughput_events_per_s",
+                    summary.events_per_s,
+                    "events/s",
+                    dataset=name,
+                    online_store=store,
+                    **info,
+                    batches=summary.batches,
+                    max_batch_events=args.max_batch_events,
+                    active_seconds=round(summary.active_seconds, 2),
+                    users_written=summary.users_written,
+                    stage_seconds=summary.stage_seconds,
+                    produce_events_per_s=round(produce_rate),
+                    target=50_000,
+                    reader=cfg.kafka.reader,
+                    feast_bulk_io=cfg.feast.bulk_io,
+                    read_ahead=cfg.read_ahead,
+                    read_ahead_batches=summary.read_ahead_batches,
+                    sequence_cache_events=cfg.sequence_cache_events,
+                    users_read_cached=summary.users_read_cached,
+                    users_read_feast=summary.users_read_feast,
+                    **load,
+                )
         finally:
             admin = KafkaAdminClient(bootstrap_servers=bootstrap)
             admin.delete_topics([topic])
@@ -276,8 +355,17 @@ def bench_freshness(args, bootstrap: str, work: Path, redis: RedisServer | None)
         try:
             if redis is not None:
                 redis.flush()
-            cfg = job_config(bootstrap, topic, work / f"fresh-{store}", store, redis.address if redis else "",
-                             SYN_ACTIONS, args.max_batch_events, args.freshness_interval, tuple(args.job))
+            cfg = job_config(
+                bootstrap,
+                topic,
+                work / f"fresh-{store}",
+                store,
+                redis.address if redis else "",
+                SYN_ACTIONS,
+                args.max_batch_events,
+                args.freshness_interval,
+                tuple(args.job),
+            )
             job = StreamJob(cfg)
             runner = threading.Thread(target=job.run, daemon=True)
             runner.start()
@@ -287,7 +375,8 @@ def bench_freshness(args, bootstrap: str, work: Path, redis: RedisServer | None)
             out: mp.Queue = mp.get_context("spawn").Queue()
             producer = mp.get_context("spawn").Process(
                 target=_paced_producer,
-                args=(bootstrap, topic, args.freshness_rate, args.freshness_seconds, args.freshness_users, 1, out))
+                args=(bootstrap, topic, args.freshness_rate, args.freshness_seconds, args.freshness_users, 1, out),
+            )
             producer.start()
             producer.join()
             sent = out.get(timeout=30)
@@ -300,13 +389,25 @@ def bench_freshness(args, bootstrap: str, work: Path, redis: RedisServer | None)
             if s.valid_events < sent["events"]:
                 # The latest (slowest) events would be missing from the percentiles.
                 raise RuntimeError(f"the job applied {s.valid_events} of {sent['events']} events within 120 s")
-            context = dict(online_store=store, produce_rate=args.freshness_rate,
-                           achieved_rate=round(sent["events"] / sent["seconds"], 1), events=sent["events"],
-                           applied=s.valid_events, interval_s=args.freshness_interval, batches=s.batches,
-                           stage_seconds=s.stage_seconds, target_p99_s=2.0, reader=cfg.kafka.reader,
-                           read_ahead=cfg.read_ahead, read_ahead_batches=s.read_ahead_batches,
-                           sequence_cache_events=cfg.sequence_cache_events, users_read_cached=s.users_read_cached,
-                           feast_bulk_io=cfg.feast.bulk_io, users=args.freshness_users, **load)
+            context = dict(
+                online_store=store,
+                produce_rate=args.freshness_rate,
+                achieved_rate=round(sent["events"] / sent["seconds"], 1),
+                events=sent["events"],
+                applied=s.valid_events,
+                interval_s=args.freshness_interval,
+                batches=s.batches,
+                stage_seconds=s.stage_seconds,
+                target_p99_s=2.0,
+                reader=cfg.kafka.reader,
+                read_ahead=cfg.read_ahead,
+                read_ahead_batches=s.read_ahead_batches,
+                sequence_cache_events=cfg.sequence_cache_events,
+                users_read_cached=s.users_read_cached,
+                feast_bulk_io=cfg.feast.bulk_io,
+                users=args.freshness_users,
+                **load,
+            )
             emit("stream_freshness_p50_s", s.freshness_p50_s, "s", **context)
             emit("stream_freshness_p99_s", s.freshness_p99_s, "s", **context)
         finally:
@@ -317,23 +418,44 @@ def bench_freshness(args, bootstrap: str, work: Path, redis: RedisServer | None)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bootstrap", default=None, help="broker (default: the checkout's running broker, else one it starts and stops)")
+    parser.add_argument(
+        "--bootstrap",
+        default=None,
+        help="broker (default: the checkout's running broker, else one it starts and stops)",
+    )
     parser.add_argument("--only", choices=["throughput", "freshness"], help="one figure family")
     parser.add_argument("--datasets", default="ml-1m-subset,synthetic")
     parser.add_argument("--stores", default="sqlite,redis")
-    parser.add_argument("--synthetic-events", type=int, default=500_000,
-                        help="synthetic stream size (default 500k; the issue's figure is 2,000,000)")
-    parser.add_argument("--synthetic-users", type=int, default=25_000,
-                        help="synthetic users (default 25k; the issue's figure is 100,000)")
+    parser.add_argument(
+        "--synthetic-events",
+        type=int,
+        default=500_000,
+        help="synthetic stream size (default 500k; the issue's figure is 2,000,000)",
+    )
+    parser.add_argument(
+        "--synthetic-users",
+        type=int,
+        default=25_000,
+        help="synthetic users (default 25k; the issue's figure is 100,000)",
+    )
     parser.add_argument("--synthetic-items", type=int, default=50_000)
     parser.add_argument("--max-batch-events", type=int, default=100_000)
     parser.add_argument("--freshness-rate", type=float, default=5_000.0)
     parser.add_argument("--freshness-seconds", type=float, default=30.0)
     parser.add_argument("--freshness-interval", type=float, default=0.25)
-    parser.add_argument("--freshness-users", type=int, default=100_000,
-                        help="users the paced producer draws from (most events touch a user of their own)")
-    parser.add_argument("--job", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="extra job config overrides, e.g. kafka.reader=ray-read-kafka")
+    parser.add_argument(
+        "--freshness-users",
+        type=int,
+        default=100_000,
+        help="users the paced producer draws from (most events touch a user of their own)",
+    )
+    parser.add_argument(
+        "--job",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra job config overrides, e.g. kafka.reader=ray-read-kafka",
+    )
     args = parser.parse_args(argv)
     args.datasets = [d for d in args.datasets.split(",") if d]
     args.stores = [s for s in args.stores.split(",") if s]
@@ -343,11 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
 
+    from infra.kafka import broker
     from infra.kafka.broker import read_info
     from streaming.config import RayConfig, StreamJobConfig
     from streaming.pipeline import init_ray
-
-    from infra.kafka import broker
 
     own_broker = None
     bootstrap = args.bootstrap
