@@ -8,8 +8,8 @@ table's live rows, nothing excluded since users may come back to an item), then 
 contract). Both variants run the same HSTU (interleaved item/action tokens, retrieval and
 ranking losses) in their own process, so their peak RSS can be compared.
 
-    python benchmarks/drift.py                          # small default stream (30k events, 20 days)
-    python benchmarks/drift.py --events 400000 --items 20000 --users 8000 --days 60 --threads 2
+    python -m benchmarks.drift                          # small default stream (30k events, 20 days)
+    python -m benchmarks.drift --events 400000 --items 20000 --users 8000 --days 60 --threads 2
 
 Prints JSON lines (HR@10 of each variant, their ratio, peak RSS, table bytes, the memory
 slopes below, the table's lookup rate) on stdout and writes a PNG of HR@10, RSS and malloc'd
@@ -17,7 +17,7 @@ bytes in use per day (default `.state/benchmarks/drift.png`). Target: the bounde
 5% of the unbounded one's HR@10, with flat memory.
 
 Memory. Each variant records, at the end of every day, the process RSS, the bytes glibc malloc
-has handed out and not got back (`trainer.memory.malloc_stats().in_use`: tensors, arrays, the
+has handed out and not got back (`malloc_stats().in_use` below: tensors, arrays, the
 table, optimizer state) and the number of live Python objects (after `gc.collect()`). "Flat
 memory" is judged on the steady state: `drift_rss_slope_<variant>` and
 `drift_malloc_in_use_slope_<variant>` are least-squares slopes over the second half of the days
@@ -33,35 +33,92 @@ bytes in use stay flat (allocator retention, not a leak; see `trainer/memory.py`
 calls `malloc_trim(0)` (`trainer.memory.release_free_memory()`) once per day, after training and
 before the day's RSS is read; it costs milliseconds. `--no-malloc-trim` turns it off to show the
 raw allocator behaviour.
+
+Training is the project's one training step (`trainer.step.train_step`), the one the offline
+and stream trainers call.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import multiprocessing as mp
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python benchmarks/drift.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import psutil
+import torch
 
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-import torch  # noqa: E402
+from config.paths import state_dir
+from features.sequence_batch import SequenceBatch, slice_events
+from infra.datasets.synthetic import DAY_MS, SyntheticConfig, generate_events
+from trainer.batching import make_batch
+from trainer.embedding_table import DynamicEmbeddingTable, TableConfig
+from trainer.losses import GenerativeLoss, LossConfig
+from trainer.memory import libc, release_free_memory
+from trainer.model import HSTUModel, ModelConfig, build_model
+from trainer.splits import sequences_from_frame
+from trainer.step import train_step
 
-from infra.datasets.synthetic import DAY_MS, SyntheticConfig, generate_events  # noqa: E402
-from infra.paths import state_dir  # noqa: E402
-from trainer.batching import make_batch  # noqa: E402
-from trainer.embedding_table import DynamicEmbeddingTable, TableConfig  # noqa: E402
-from trainer.losses import GenerativeLoss, LossConfig, target_index  # noqa: E402
-from trainer.memory import malloc_stats, release_free_memory, second_half_slope  # noqa: E402
-from trainer.model import HSTUModel, ModelConfig, build_model  # noqa: E402
-from trainer.splits import UserSequences, sequences_from_frame  # noqa: E402
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MallocStats:
+    """glibc's own accounting, all arenas together (bytes)."""
+
+    in_use: int  # allocated and not freed: heap chunks in use plus mmapped blocks
+    free: int  # free chunks kept inside the heaps (resident until trimmed or reused)
+    heap: int  # address space of the heaps (in use + free)
+    mmapped: int  # blocks above the mmap threshold, each its own mapping
+
+
+def malloc_stats() -> MallocStats | None:
+    """glibc's `mallinfo2()` (None where unavailable, glibc < 2.33); cost: one walk over the free lists."""
+    lib = libc()
+    if lib is None or not hasattr(lib, "mallinfo2"):
+        return None
+    lib.mallinfo2.argtypes = []
+    lib.mallinfo2.restype = _MallInfo2
+    info = lib.mallinfo2()
+    return MallocStats(
+        in_use=int(info.uordblks + info.hblkhd), free=int(info.fordblks), heap=int(info.arena), mmapped=int(info.hblkhd)
+    )
+
+
+def second_half_slope(values: Sequence[float]) -> float:
+    """Least-squares slope per step of the second half of `values` (the first half is warm-up).
+
+    0.0 for fewer than two points in the second half.
+    """
+    tail = np.asarray(values[len(values) // 2 :], dtype=np.float64)
+    if tail.size < 2:
+        return 0.0
+    steps = np.arange(tail.size, dtype=np.float64) - (tail.size - 1) / 2
+    return float(np.dot(steps, tail - tail.mean()) / np.dot(steps, steps))
 
 
 def log(message: str) -> None:
@@ -88,7 +145,7 @@ class DriftRun:
 
 @dataclass(frozen=True, kw_only=True)
 class Stream:
-    seqs: UserSequences  # all events, per user, time-ordered
+    seqs: SequenceBatch  # all events, per user, time-ordered
     day: np.ndarray  # day index of every event (aligned with seqs' flat arrays)
     user_of: np.ndarray  # user position of every event
     num_days: int
@@ -98,27 +155,18 @@ class Stream:
 def load_stream(cfg: SyntheticConfig) -> Stream:
     events = generate_events(cfg)
     seqs = sequences_from_frame(events, action_vocab=cfg.actions)
-    ts_ms = seqs.timestamps * 1000
-    day = ((ts_ms - cfg.start_ms) // DAY_MS).astype(np.int64)
-    user_of = np.repeat(np.arange(seqs.num_users), seqs.lengths)
+    day = ((seqs.timestamps_ms - cfg.start_ms) // DAY_MS).astype(np.int64)
+    user_of = np.repeat(np.arange(len(seqs)), seqs.lengths)
     return Stream(
         seqs=seqs, day=day, user_of=user_of, num_days=int(day.max()) + 1, num_items=int(np.unique(seqs.item_ids).size)
     )
 
 
-def slices(seqs: UserSequences, starts: np.ndarray, ends: np.ndarray) -> UserSequences:
-    """A CSR view made of the flat-array slices [starts[i], ends[i])."""
-    lengths = ends - starts
-    offsets = np.zeros(lengths.size + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    idx = np.repeat(starts - offsets[:-1], lengths) + np.arange(int(offsets[-1]))
-    return UserSequences(
-        user_ids=np.arange(lengths.size, dtype=np.int64),
-        offsets=offsets,
-        item_ids=seqs.item_ids[idx],
-        actions=seqs.actions[idx],
-        timestamps=seqs.timestamps[idx],
-    )
+def slices(stream: Stream, starts: np.ndarray, ends: np.ndarray, num_new: np.ndarray | None = None) -> SequenceBatch:
+    """The users' event windows [starts[i], ends[i]) (flat indices into the stream's arrays)."""
+    users = stream.user_of[starts]
+    first = stream.seqs.offsets[users]
+    return slice_events(stream.seqs, users, starts - first, ends - first, num_new)
 
 
 @torch.no_grad()
@@ -132,10 +180,14 @@ def score_day(model: HSTUModel, stream: Stream, events: np.ndarray, max_seq_len:
     hits = 0
     for lo in range(0, events.size, 256):
         ev, st = events[lo : lo + 256], starts[lo : lo + 256]
-        hist = slices(stream.seqs, st, ev)
-        batch = make_batch(hist, np.arange(ev.size), max_len=max_seq_len)
+        batch = make_batch(slices(stream, st, ev), np.arange(ev.size), max_len=max_seq_len)
         rows = model.table.lookup(batch.item_ids)
-        scores = model.retrieval_scores(rows, batch.actions, batch.timestamps, batch.offsets)
+        scores = model.retrieval_scores(
+            rows,
+            torch.from_numpy(batch.actions),
+            torch.from_numpy(batch.timestamps_ms),
+            torch.from_numpy(batch.offsets),
+        )
         top = scores.topk(min(10, len(model.table)), dim=1).indices
         target = model.table.lookup(torch.from_numpy(stream.seqs.item_ids[ev]))
         hits += int((top == target[:, None]).any(dim=1).sum())
@@ -165,8 +217,12 @@ def run_variant(run: DriftRun) -> dict:
     )
     model = build_model(
         ModelConfig(
-            layout="interleaved", dim=run.dim, qk_dim=run.dim, v_dim=run.dim, max_seq_len=run.max_seq_len,
-            num_actions=num_actions, attention_groups=4,
+            layout="interleaved",
+            dim=run.dim,
+            qk_dim=run.dim,
+            v_dim=run.dim,
+            max_seq_len=run.max_seq_len,
+            num_actions=num_actions,
         ),
         table=table,
     )
@@ -194,28 +250,13 @@ def run_variant(run: DriftRun) -> dict:
             users, first_today, n_new = np.unique(stream.user_of[todays], return_index=True, return_counts=True)
             ends = todays[first_today] + n_new  # events of a user within a day are contiguous
             starts = np.maximum(seqs.offsets[users], ends - (run.max_seq_len + 1))
-            daily = slices(seqs, starts, ends)
-            now = float(seqs.timestamps[todays].max())
+            daily = slices(stream, starts, ends)
             losses = []
             order = rng.permutation(users.size)
             for lo in range(0, users.size, run.batch_size):
                 pick = order[lo : lo + run.batch_size]
                 batch = make_batch(daily, pick, max_len=run.max_seq_len + 1, num_new=n_new[pick])
-                new_ids = torch.cat(
-                    [batch.item_ids[int(e) - int(k) : int(e)] for e, k in zip(batch.offsets[1:], batch.num_new)]
-                )
-                table.observe(new_ids, now=now)
-                rows = table.lookup(batch.item_ids)
-                layout = model.layout(batch.offsets)
-                out = model.encode(rows, batch.actions, batch.timestamps, layout)
-                parts = loss_fn(
-                    out, layout=layout, rows=rows, actions=batch.actions,
-                    targets=target_index(batch.offsets, batch.num_new), action_head=model.action_head,
-                )
-                optimizer.zero_grad(set_to_none=True)
-                parts["loss"].backward()
-                optimizer.step()
-                losses.append(parts["loss"].item())
+                losses.append(train_step(model, batch, optimizer=optimizer, loss_fn=loss_fn).loss.item())
             gc.collect()  # so that py_objects counts live objects, not cycles awaiting collection
             if run.malloc_trim:
                 release_free_memory()
@@ -223,12 +264,17 @@ def run_variant(run: DriftRun) -> dict:
             heap = malloc_stats()
             per_day.append(
                 {
-                    "day": day, "hits": hits, "count": count, "hr@10": hits / max(count, 1),
+                    "day": day,
+                    "hits": hits,
+                    "count": count,
+                    "hr@10": hits / max(count, 1),
                     "loss": float(np.mean(losses)),
-                    "rss": rss, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                    "rss": rss,
+                    "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                     "malloc_in_use": heap.in_use if heap else None,
                     "py_objects": len(gc.get_objects()),  # alive and created since the setup above
-                    "live_rows": len(table), "evicted": table.counters.evicted,
+                    "live_rows": len(table),
+                    "evicted": table.counters.evicted,
                     "train_events": int(daily.item_ids.size),  # grows while histories fill up to max_seq_len
                 }
             )
@@ -282,7 +328,9 @@ def lookup_rate(capacity: int = 1_000_000, batch: int = 50_000) -> float:
     ids = rng.integers(0, 2**62, size=capacity)
     for lo in range(0, capacity, 200_000):
         table.observe(ids[lo : lo + 200_000], now=0.0)
-    queries = torch.from_numpy(np.where(rng.random(batch * 20) < 0.9, rng.choice(ids, batch * 20), rng.integers(0, 2**62, batch * 20)))
+    queries = torch.from_numpy(
+        np.where(rng.random(batch * 20) < 0.9, rng.choice(ids, batch * 20), rng.integers(0, 2**62, batch * 20))
+    )
     start = time.perf_counter()
     for lo in range(0, queries.numel(), batch):
         table.lookup(queries[lo : lo + batch])
@@ -301,7 +349,10 @@ def plot(results: list[dict], path: Path) -> None:
         ax_hr.plot(days, [d["hr@10"] for d in res["per_day"]], label=f"{res['name']} (cap {res['capacity']})")
         (line,) = ax_mem.plot(days, [d["rss"] / 1e6 for d in res["per_day"]], label=f"{res['name']} end of day")
         ax_mem.plot(
-            days, [d["peak_rss"] / 1e6 for d in res["per_day"]], linestyle="--", color=line.get_color(),
+            days,
+            [d["peak_rss"] / 1e6 for d in res["per_day"]],
+            linestyle="--",
+            color=line.get_color(),
             label=f"{res['name']} peak so far",
         )
         in_use = [d["malloc_in_use"] for d in res["per_day"]]
@@ -337,22 +388,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--no-malloc-trim", dest="malloc_trim", action="store_false",
+        "--no-malloc-trim",
+        dest="malloc_trim",
+        action="store_false",
         help="do not return the allocator's free pages once per day (RSS then grows with fragmentation)",
     )
     parser.add_argument("--png", type=Path, default=None, help="default .state/benchmarks/drift.png")
     args = parser.parse_args(argv)
 
     stream_cfg = SyntheticConfig(
-        num_users=args.users, num_items=args.items, num_events=args.events, num_days=args.days,
-        item_lifetime_days=args.lifetime_days, seed=args.seed,
+        num_users=args.users,
+        num_items=args.items,
+        num_events=args.events,
+        num_days=args.days,
+        item_lifetime_days=args.lifetime_days,
+        seed=args.seed,
     )
     distinct = load_stream(stream_cfg).num_items
     bounded = max(1, int(round(args.fraction * distinct)))
     log(f"[drift] {args.events} events, {distinct} distinct items over {args.days} days; bounded capacity {bounded}")
     common = dict(
-        stream=stream_cfg, max_seq_len=args.max_seq_len, dim=args.dim, lr=args.lr, batch_size=args.batch_size,
-        eval_per_day=args.eval_per_day, seed=args.seed, threads=args.threads, eviction=args.eviction,
+        stream=stream_cfg,
+        max_seq_len=args.max_seq_len,
+        dim=args.dim,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        eval_per_day=args.eval_per_day,
+        seed=args.seed,
+        threads=args.threads,
+        eviction=args.eviction,
         malloc_trim=args.malloc_trim,
     )
     results = [
@@ -360,8 +424,13 @@ def main(argv: list[str] | None = None) -> int:
         run_in_process(DriftRun(name="bounded", capacity=bounded, **common)),
     ]
     context = {
-        "events": args.events, "distinct_items": distinct, "days": args.days, "eviction": args.eviction,
-        "threads": args.threads, "device": "cpu", "malloc_trim": args.malloc_trim,
+        "events": args.events,
+        "distinct_items": distinct,
+        "days": args.days,
+        "eviction": args.eviction,
+        "threads": args.threads,
+        "device": "cpu",
+        "malloc_trim": args.malloc_trim,
     }
     for res in results:
         rss = [d["rss"] for d in res["per_day"]]
@@ -369,42 +438,88 @@ def main(argv: list[str] | None = None) -> int:
         peaks = [d["peak_rss"] for d in res["per_day"]]
         events = [d["train_events"] for d in res["per_day"]]
         half = len(rss) // 2
-        print(json.dumps({
-            "metric": f"drift_hr@10_{res['name']}", "value": res["hr@10"], "unit": "hit rate",
-            "capacity": res["capacity"], "seconds": round(res["seconds"], 1), **context,
-        }))
-        print(json.dumps({
-            "metric": f"drift_peak_rss_{res['name']}", "value": res["peak_rss"], "unit": "bytes",
-            # the high-water mark rises with the day's work (training events, see train_events):
-            "peak_rss_growth_second_half_mb": round((peaks[-1] - peaks[half]) / 1e6, 1) if peaks else None,
-            "train_events_mid_last_day": [events[half], events[-1]] if events else None,
-            "table_bytes": res["table_bytes"], "capacity": res["capacity"], **context,
-        }))
+        print(
+            json.dumps(
+                {
+                    "metric": f"drift_hr@10_{res['name']}",
+                    "value": res["hr@10"],
+                    "unit": "hit rate",
+                    "capacity": res["capacity"],
+                    "seconds": round(res["seconds"], 1),
+                    **context,
+                }
+            )
+        )
+        print(
+            json.dumps(
+                {
+                    "metric": f"drift_peak_rss_{res['name']}",
+                    "value": res["peak_rss"],
+                    "unit": "bytes",
+                    # the high-water mark rises with the day's work (training events, see train_events):
+                    "peak_rss_growth_second_half_mb": round((peaks[-1] - peaks[half]) / 1e6, 1) if peaks else None,
+                    "train_events_mid_last_day": [events[half], events[-1]] if events else None,
+                    "table_bytes": res["table_bytes"],
+                    "capacity": res["capacity"],
+                    **context,
+                }
+            )
+        )
         # Steady state: slopes over the second half of the days (the first half is warm-up).
-        print(json.dumps({
-            "metric": f"drift_rss_slope_{res['name']}", "value": round(second_half_slope(rss) / 1e6, 3),
-            "unit": "MB/day", "over_days": f"{half + 1}-{len(rss)}",
-            "rss_first_day_mb": round(rss[0] / 1e6, 1) if rss else None,
-            "rss_mid_mb": round(rss[half] / 1e6, 1) if rss else None,
-            "rss_last_day_mb": round(rss[-1] / 1e6, 1) if rss else None, **context,
-        }))
+        print(
+            json.dumps(
+                {
+                    "metric": f"drift_rss_slope_{res['name']}",
+                    "value": round(second_half_slope(rss) / 1e6, 3),
+                    "unit": "MB/day",
+                    "over_days": f"{half + 1}-{len(rss)}",
+                    "rss_first_day_mb": round(rss[0] / 1e6, 1) if rss else None,
+                    "rss_mid_mb": round(rss[half] / 1e6, 1) if rss else None,
+                    "rss_last_day_mb": round(rss[-1] / 1e6, 1) if rss else None,
+                    **context,
+                }
+            )
+        )
         if in_use and all(v is not None for v in in_use):
-            print(json.dumps({
-                "metric": f"drift_malloc_in_use_slope_{res['name']}",
-                "value": round(second_half_slope(in_use) / 1e6, 3),
-                "unit": "MB/day", "over_days": f"{half + 1}-{len(in_use)}",
-                "in_use_mid_mb": round(in_use[half] / 1e6, 1), "in_use_last_day_mb": round(in_use[-1] / 1e6, 1),
-                **context,
-            }))
+            print(
+                json.dumps(
+                    {
+                        "metric": f"drift_malloc_in_use_slope_{res['name']}",
+                        "value": round(second_half_slope(in_use) / 1e6, 3),
+                        "unit": "MB/day",
+                        "over_days": f"{half + 1}-{len(in_use)}",
+                        "in_use_mid_mb": round(in_use[half] / 1e6, 1),
+                        "in_use_last_day_mb": round(in_use[-1] / 1e6, 1),
+                        **context,
+                    }
+                )
+            )
     unbounded, bounded_res = results
-    print(json.dumps({
-        "metric": "drift_hr@10_bounded_over_unbounded", "value": bounded_res["hr@10"] / max(unbounded["hr@10"], 1e-12),
-        "unit": "ratio", "target": ">= 0.95", "fraction": args.fraction, **context,
-    }))
-    print(json.dumps({
-        "metric": "table_lookup_rate", "value": round(lookup_rate()), "unit": "ids/s",
-        "batch": 50_000, "capacity": 1_000_000, "threads": 1, "device": "cpu",
-    }))
+    print(
+        json.dumps(
+            {
+                "metric": "drift_hr@10_bounded_over_unbounded",
+                "value": bounded_res["hr@10"] / max(unbounded["hr@10"], 1e-12),
+                "unit": "ratio",
+                "target": ">= 0.95",
+                "fraction": args.fraction,
+                **context,
+            }
+        )
+    )
+    print(
+        json.dumps(
+            {
+                "metric": "table_lookup_rate",
+                "value": round(lookup_rate()),
+                "unit": "ids/s",
+                "batch": 50_000,
+                "capacity": 1_000_000,
+                "threads": 1,
+                "device": "cpu",
+            }
+        )
+    )
     png = args.png or state_dir("benchmarks") / "drift.png"
     plot(results, png)
     log(f"[drift] wrote {png}")

@@ -7,7 +7,7 @@ A user's rolling sequence (DESIGN.md) is one online row keyed by `user_id` (int6
 | --- | --- | --- |
 | `item_ids` | Array(Int64) | raw item ids, oldest first, at most `max_len` |
 | `actions` | Array(Int64) | action codes: indices into the configured action vocabulary |
-| `timestamps` | Array(Int64) | event times in ms since the epoch |
+| `timestamps_ms` | Array(Int64) | event times in ms since the epoch |
 | `last_partition` | Int64 | Kafka partition of the last applied event (-1: none yet) |
 | `last_offset` | Int64 | Kafka offset of the last applied event (-1: none yet) |
 
@@ -23,7 +23,7 @@ objects on first use, so nobody needs to run `feast apply`:
     >>> from features.definitions import feast_objects
     >>> objects = feast_objects()
     >>> objects.user_sequence.name, [f.name for f in objects.user_sequence.features]
-    ('user_sequence', ['item_ids', 'actions', 'timestamps', 'last_partition', 'last_offset'])
+    ('user_sequence', ['item_ids', 'actions', 'timestamps_ms', 'last_partition', 'last_offset'])
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ EVENT_TIMESTAMP = "event_timestamp"
 # Relative to the Feast repo_path (the state folder), like every path in feature_store.yaml.
 OFFLINE_PATH = "offline/user_sequence.parquet"
 
-SEQUENCE_FEATURES = ("item_ids", "actions", "timestamps")
+# Feature names are the field names of features.sequence_batch.SequenceBatch.
+SEQUENCE_FEATURES = ("item_ids", "actions", "timestamps_ms")
 WATERMARK_FEATURES = ("last_partition", "last_offset")
 FEATURES = SEQUENCE_FEATURES + WATERMARK_FEATURES
 
@@ -97,6 +98,4 @@ def feast_objects() -> FeastObjects:
             "(partition, offset) watermark of the last event applied to it."
         ),
     )
-    return FeastObjects(
-        user=user, batch_source=batch_source, push_source=push_source, user_sequence=user_sequence
-    )
+    return FeastObjects(user=user, batch_source=batch_source, push_source=push_source, user_sequence=user_sequence)

@@ -36,23 +36,31 @@ from __future__ import annotations
 
 import sqlite3
 import struct
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from features.definitions import FEATURES, SEQUENCE_FEATURES
+from features.definitions import WATERMARK_FEATURES as SCALAR_FEATURES
 from features.redis_pipe import RedisPipe, resp_bulk
+from features.sequence_batch import SequenceBatch, take_users
 
 # Tags of the ValueProto fields we store, and of Int64List.val: each one byte (field << 3 | wire type).
 TAG_INT64_VAL = 4 << 3 | 0  # 32
 TAG_INT64_LIST = 14 << 3 | 2  # 114
 TAG_LIST_VAL = 1 << 3 | 2  # 10
-LIST_FEATURES = ("item_ids", "actions", "timestamps")
-SCALAR_FEATURES = ("last_partition", "last_offset")
+LIST_FEATURES = SEQUENCE_FEATURES
 _SHIFTS = np.arange(0, 70, 7, dtype=np.uint64)  # 7-bit groups of a 64-bit varint (10 at most)
 
 
 class RowLayoutError(ValueError):
     """A stored value is not a ValueProto in the layout this module writes."""
+
+
+class SequenceStoreError(RuntimeError):
+    """The online store could not be opened or applied, or holds a row it cannot have written."""
 
 
 _LIMITS = np.uint64(1) << _SHIFTS[1:]  # a token needs k + 1 bytes when it is >= _LIMITS[k - 1]
@@ -112,7 +120,7 @@ def list_tokens(values: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np
     return tokens, cuts
 
 
-def _encode_features(batch, finish) -> dict:
+def _encode_features(batch: SequenceBatch, finish) -> dict:
     """{feature: finish(varint buffer, token ends, token cuts per user)} for a `SequenceBatch`."""
     out = {}
     for name in LIST_FEATURES:
@@ -131,14 +139,14 @@ def encode_values(batch) -> dict[str, list[bytes]]:
     return _encode_features(batch, cut_bytes)
 
 
-def value_arrays(batch) -> dict[str, "pa.LargeBinaryArray"]:
+def value_arrays(batch: SequenceBatch) -> dict[str, pa.LargeBinaryArray]:
     """`encode_values` as Arrow arrays over the encoded buffers (no bytes object per value)."""
-    import pyarrow as pa
 
     def array(buffer: np.ndarray, token_ends: np.ndarray, cuts: np.ndarray) -> pa.Array:
         byte_cuts = np.concatenate([[0], token_ends]).astype(np.int64)[cuts]
-        return pa.Array.from_buffers(pa.large_binary(), len(cuts) - 1,
-                                     [None, pa.py_buffer(byte_cuts), pa.py_buffer(buffer)])
+        return pa.Array.from_buffers(
+            pa.large_binary(), len(cuts) - 1, [None, pa.py_buffer(byte_cuts), pa.py_buffer(buffer)]
+        )
 
     return _encode_features(batch, array)
 
@@ -174,8 +182,12 @@ def decode_lists(blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
         raise RowLayoutError("a value is not an int64_list_val")
     full = count > 2
     lengths = np.where(full, count - 4, 0)
-    if np.any(count[~full] != 2) or np.any(tokens[start[~full] + 1] != 0) or np.any(count[full] < 4) \
-            or np.any(tokens[start[full] + 2] != TAG_LIST_VAL):
+    if (
+        np.any(count[~full] != 2)
+        or np.any(tokens[start[~full] + 1] != 0)
+        or np.any(count[full] < 4)
+        or np.any(tokens[start[full] + 2] != TAG_LIST_VAL)
+    ):
         raise RowLayoutError("an int64 list value in an unexpected layout")
     keep = np.ones(len(tokens), dtype=bool)
     for k in range(4):
@@ -201,15 +213,11 @@ def entity_key_bytes(user_ids: np.ndarray, serialize_one) -> list[bytes]:
         if serialize_one(probe) != prefix + struct.pack("<q", probe):
             return [serialize_one(int(u)) for u in user_ids.tolist()]  # another layout: Feast's
     raw = user_ids.astype("<i8").tobytes()
-    return [prefix + raw[i:i + 8] for i in range(0, len(raw), 8)]
+    return [prefix + raw[i : i + 8] for i in range(0, len(raw), 8)]
 
 
 def _decode_rows_bulk(user_ids: np.ndarray, values: dict[str, list[bytes | None]]):
     """{feature: value or None per user} -> SequenceBatch; None for all features = missing user."""
-    from features.sequences import SequenceBatch, SequenceStoreError
-
-    from features.definitions import FEATURES
-
     has = {name: np.array([v is not None for v in values[name]], dtype=bool) for name in FEATURES}
     present = np.logical_or.reduce([has[name] for name in FEATURES])
     partial = present & ~np.logical_and.reduce([has[name] for name in FEATURES])
@@ -218,7 +226,8 @@ def _decode_rows_bulk(user_ids: np.ndarray, values: dict[str, list[bytes | None]
         missing = [name for name in FEATURES if not has[name][i]]
         raise SequenceStoreError(
             f"user {int(user_ids[i])} has a partial row (no {missing}): it was written outside "
-            "SequenceStore; rewrite it with write_many")
+            "SequenceStore; rewrite it with write_many"
+        )
     rows = np.flatnonzero(present)
     num = len(user_ids)
     lengths = np.zeros(num, dtype=np.int64)
@@ -231,7 +240,8 @@ def _decode_rows_bulk(user_ids: np.ndarray, values: dict[str, list[bytes | None]
             i = int(rows[np.flatnonzero(lens != lengths[rows])[0]])
             raise SequenceStoreError(
                 f"user {int(user_ids[i])} has items/actions/timestamps of different lengths: the "
-                "stored row is inconsistent; rewrite it with write_many")
+                "stored row is inconsistent; rewrite it with write_many"
+            )
         flat[name] = vals
     marks = {}
     for name in SCALAR_FEATURES:
@@ -240,8 +250,9 @@ def _decode_rows_bulk(user_ids: np.ndarray, values: dict[str, list[bytes | None]
     return SequenceBatch(
         user_ids=user_ids.copy(),
         offsets=np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(lengths)]),
-        item_ids=flat["item_ids"], actions=flat["actions"], timestamps=flat["timestamps"],
-        last_partition=marks["last_partition"], last_offset=marks["last_offset"],
+        **{name: flat[name] for name in LIST_FEATURES},
+        last_partition=marks["last_partition"],
+        last_offset=marks["last_offset"],
     )
 
 
@@ -253,8 +264,10 @@ class SqliteRows:
         self.table = table
         self.serialize_one = serialize_one
         columns = {row[1] for row in self.conn.execute(f'PRAGMA table_info("{table}")')}
-        if not {"entity_key", "feature_name", "value", "value_text", "event_ts", "created_ts"} <= columns \
-                or "value_num" in columns:
+        if (
+            not {"entity_key", "feature_name", "value", "value_text", "event_ts", "created_ts"} <= columns
+            or "value_num" in columns
+        ):
             raise RowLayoutError(f"table {table} has columns {sorted(columns)}: not the layout written here")
 
     def write(self, batch, now: datetime) -> None:
@@ -264,19 +277,20 @@ class SqliteRows:
         order = np.argsort(batch.user_ids.astype("<i8").byteswap().view(np.uint64), kind="stable")
         ids = batch.user_ids[order]
         keys = entity_key_bytes(ids, self.serialize_one)
-        from features.sequences import take_users
-
         encoded = encode_values(take_users(batch, order))
-        event_ts = now.astimezone(timezone.utc).replace(tzinfo=None)  # as Feast's to_naive_utc
+        event_ts = now.astimezone(UTC).replace(tzinfo=None)  # as Feast's to_naive_utc
         text = {name: [str(v) for v in getattr(batch, name)[order].tolist()] for name in SCALAR_FEATURES}
         names = sorted((*LIST_FEATURES, *SCALAR_FEATURES))
-        columns = [[(name, v, text[name][i] if name in text else None) for i, v in enumerate(encoded[name])]
-                   for name in names]
+        columns = [
+            [(name, v, text[name][i] if name in text else None) for i, v in enumerate(encoded[name])] for name in names
+        ]
         rows = ((k, *cell, event_ts, None) for k, *cells in zip(keys, *columns) for cell in cells)
-        sql = (f'INSERT INTO "{self.table}" (entity_key, feature_name, value, value_text, event_ts, created_ts) '
-               "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(entity_key, feature_name) DO UPDATE SET "
-               "value = excluded.value, value_text = excluded.value_text, event_ts = excluded.event_ts, "
-               "created_ts = excluded.created_ts;")
+        sql = (
+            f'INSERT INTO "{self.table}" (entity_key, feature_name, value, value_text, event_ts, created_ts) '
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(entity_key, feature_name) DO UPDATE SET "
+            "value = excluded.value, value_text = excluded.value_text, event_ts = excluded.event_ts, "
+            "created_ts = excluded.created_ts;"
+        )
         with self.conn:
             self.conn.executemany(sql, rows)
 
@@ -285,10 +299,12 @@ class SqliteRows:
         unique = list(dict.fromkeys(keys))  # a user asked for twice is fetched once
         found: dict[str, dict[bytes, bytes]] = {name: {} for name in (*LIST_FEATURES, *SCALAR_FEATURES)}
         for start in range(0, len(unique), chunk):
-            part = unique[start:start + chunk]
+            part = unique[start : start + chunk]
             cur = self.conn.execute(
                 f'SELECT entity_key, feature_name, value FROM "{self.table}" '
-                f"WHERE entity_key IN ({','.join('?' * len(part))})", part)
+                f"WHERE entity_key IN ({','.join('?' * len(part))})",
+                part,
+            )
             for key, name, value in cur:
                 if name in found:
                     found[name][key] = value
@@ -304,24 +320,20 @@ _REDIS_CHUNK = 5_000  # users per pipelined round trip: a few MB of commands at 
 def _resp_commands(pieces: list) -> tuple[memoryview, np.ndarray]:
     """Join Arrow columns and scalars element-wise into one RESP command per row: (the bytes of
     every command, back to back; the end offset of each command in them, after a leading 0)."""
-    import pyarrow.compute as pc
 
     commands = pc.binary_join_element_wise(*pieces, _const(b""))  # the last argument: the separator
     n = len(commands)
-    ends = np.frombuffer(commands.buffers()[1], dtype=np.int64)[commands.offset:commands.offset + n + 1]
+    ends = np.frombuffer(commands.buffers()[1], dtype=np.int64)[commands.offset : commands.offset + n + 1]
     return memoryview(commands.buffers()[2]), ends
 
 
 def _const(raw: bytes):
-    import pyarrow as pa
 
     return pa.scalar(raw, type=pa.large_binary())
 
 
 def _bulk_column(array) -> list:
     """The pieces of a RESP bulk string per row: `$<len>\r\n<bytes>\r\n` (lengths in decimal)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
     length = pc.cast(pc.cast(pc.binary_length(array), pa.string()), pa.large_binary())
     return [_const(b"$"), length, _const(b"\r\n"), array, _const(b"\r\n")]
@@ -355,9 +367,7 @@ class RedisRows:
     def _keys(self, user_ids: np.ndarray) -> list[bytes]:
         return [k + self.project for k in entity_key_bytes(user_ids, self.serialize_one)]
 
-    def _key_column(self, user_ids: np.ndarray):
-        import pyarrow as pa
-
+    def _key_column(self, user_ids: np.ndarray) -> pa.Array:
         return pa.array(self._keys(user_ids), type=pa.large_binary())
 
     def write(self, batch, now: datetime) -> None:
@@ -368,8 +378,11 @@ class RedisRows:
             return
         values = value_arrays(batch)
         ts = resp_bulk(self.ts_field.encode()) + resp_bulk(self.timestamp_bytes(now))
-        pieces = [_const(b"*%d\r\n" % (2 + 2 * (1 + len(self.names))) + resp_bulk(b"HSET")),
-                  *_bulk_column(self._key_column(batch.user_ids)), _const(ts)]
+        pieces = [
+            _const(b"*%d\r\n" % (2 + 2 * (1 + len(self.names))) + resp_bulk(b"HSET")),
+            *_bulk_column(self._key_column(batch.user_ids)),
+            _const(ts),
+        ]
         for name in self.names:
             pieces += [_const(resp_bulk(self.fields[name])), *_bulk_column(values[name])]
         self._send(*_resp_commands(pieces), _REDIS_CHUNK)  # HSET's replies: counts
@@ -380,15 +393,19 @@ class RedisRows:
         n = len(ends) - 1
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
-            replies.extend(self.pipe.round_trip(data[ends[start]:ends[stop]], stop - start))
+            replies.extend(self.pipe.round_trip(data[ends[start] : ends[stop]], stop - start))
         return replies
 
     def read(self, user_ids: np.ndarray, chunk: int = _REDIS_CHUNK):
         """One HMGET of the five features per user, `chunk` users per round trip."""
         replies: list = []
         if len(user_ids):
-            replies = self._send(*_resp_commands([_const(self._hmget_head), *_bulk_column(self._key_column(user_ids)),
-                                                  _const(self._hmget_fields)]), chunk)
+            replies = self._send(
+                *_resp_commands(
+                    [_const(self._hmget_head), *_bulk_column(self._key_column(user_ids)), _const(self._hmget_fields)]
+                ),
+                chunk,
+            )
         values = {name: [r[j] for r in replies] for j, name in enumerate(self.names)}
         return _decode_rows_bulk(user_ids, values)
 

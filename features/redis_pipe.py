@@ -79,7 +79,7 @@ class RedisPipe:
                     raise ConnectionError(f"redis at {self.address[0]}:{self.address[1]} closed the connection")
                 view = memoryview(data)
                 for start in range(0, len(view), _FEED):
-                    reader.feed(view[start:start + _FEED])
+                    reader.feed(view[start : start + _FEED])
                     while (reply := reader.gets()) is not False:
                         replies.append(reply)
             if len(replies) > num_replies or reader.has_data():

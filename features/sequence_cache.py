@@ -20,15 +20,15 @@ Memory is bounded by `max_events` (events held over all users; a user costs 24 b
 plus 24): past it, the users touched least recently are dropped. Everything is vectorised over
 users (no Python loop per user); the cache is kept sorted by user id.
 
-    >>> from features.sequences import SequenceBatch
+    >>> from features.sequence_batch import SequenceBatch
     >>> cache = SequenceCache(max_events=10)
     >>> cache.put(SequenceBatch.from_sequences(user_ids=[3, 5], item_ids=[[1], [2, 3]], actions=[[0], [0, 1]],
-    ...     timestamps=[[1], [2, 3]], last_partition=[0, 1], last_offset=[7, 9]))
+    ...     timestamps_ms=[[1], [2, 3]], last_partition=[0, 1], last_offset=[7, 9]))
     >>> calls = []
     >>> def read(ids):
     ...     calls.append(ids.tolist())
     ...     return SequenceBatch.from_sequences(user_ids=ids, item_ids=[[]] * len(ids), actions=[[]] * len(ids),
-    ...         timestamps=[[]] * len(ids), last_partition=[-1] * len(ids), last_offset=[-1] * len(ids))
+    ...         timestamps_ms=[[]] * len(ids), last_partition=[-1] * len(ids), last_offset=[-1] * len(ids))
     >>> got = cache.read_through(np.array([1, 5], dtype=np.int64), read)
     >>> calls, got.user_ids.tolist(), got.lengths.tolist(), got.last_offset.tolist()
     ([[1]], [1, 5], [0, 2], [-1, 9])
@@ -36,11 +36,11 @@ users (no Python loop per user); the cache is kept sorted by user id.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
-from features.sequences import SequenceBatch, concat_batches, take_users
+from features.sequence_batch import SequenceBatch, concat_batches, take_users
 
 
 class SequenceCache:
@@ -69,7 +69,7 @@ class SequenceCache:
     def clear(self) -> None:
         """Forget everything (after a failed batch, or to turn the cache off for a while)."""
         empty = np.zeros(0, dtype=np.int64)
-        self._log = [empty, empty.copy(), empty.copy()]  # item_ids, actions, timestamps
+        self._log = [empty, empty.copy(), empty.copy()]  # item_ids, actions, timestamps_ms
         self._used = 0  # events appended to the log (live and garbage)
         self._uid, self._start, self._len = empty.copy(), empty.copy(), empty.copy()
         self._part, self._off, self._touched = empty.copy(), empty.copy(), empty.copy()
@@ -108,8 +108,15 @@ class SequenceCache:
         np.cumsum(lengths, out=offsets[1:])
         src = np.repeat(self._start[rows] - offsets[:-1], lengths) + np.arange(int(offsets[-1]))
         items, actions, stamps = (column[src] for column in self._log)
-        return SequenceBatch(user_ids=self._uid[rows], offsets=offsets, item_ids=items, actions=actions,
-                             timestamps=stamps, last_partition=self._part[rows], last_offset=self._off[rows])
+        return SequenceBatch(
+            user_ids=self._uid[rows],
+            offsets=offsets,
+            item_ids=items,
+            actions=actions,
+            timestamps_ms=stamps,
+            last_partition=self._part[rows],
+            last_offset=self._off[rows],
+        )
 
     def read_through(self, user_ids: np.ndarray, read: Callable[[np.ndarray], SequenceBatch]) -> SequenceBatch:
         """The sequences of `user_ids` (distinct), in that order: cached users from memory, the
@@ -160,7 +167,7 @@ class SequenceCache:
         new_log = []
         for column in self._log:
             fresh = np.empty(capacity, dtype=np.int64)
-            fresh[:self._live] = column[src]
+            fresh[: self._live] = column[src]
             new_log.append(fresh)
         self._log = new_log
         self._start = new_start
@@ -187,14 +194,19 @@ class SequenceCache:
             hit, rows = self._find(stored.user_ids)
         self._make_room(incoming)
         at = self._used
-        for column, values in zip(self._log, (stored.item_ids, stored.actions, stored.timestamps)):
-            column[at:at + incoming] = values
+        for column, values in zip(self._log, (stored.item_ids, stored.actions, stored.timestamps_ms)):
+            column[at : at + incoming] = values
         self._used += incoming
         self._live += incoming
         starts, lengths = at + stored.offsets[:-1], stored.lengths
         # Replaced users in place; new users inserted in order.
-        fields = {"_start": starts, "_len": lengths, "_part": stored.last_partition, "_off": stored.last_offset,
-                  "_touched": np.full(len(stored), self._tick, dtype=np.int64)}
+        fields = {
+            "_start": starts,
+            "_len": lengths,
+            "_part": stored.last_partition,
+            "_off": stored.last_offset,
+            "_touched": np.full(len(stored), self._tick, dtype=np.int64),
+        }
         for name, values in fields.items():
             getattr(self, name)[rows] = values[hit]
         new = ~hit

@@ -25,9 +25,11 @@ import time
 
 import numpy as np
 
-from infra.datasets.movielens import DATASETS, write_movielens_log
+from config.logs import setup_logging
+from config.paths import REPO_ROOT, state_dir
+from features.movielens import DATASETS
+from infra.datasets.movielens import write_movielens_log
 from infra.kafka.broker import read_info
-from infra.paths import REPO_ROOT, state_dir
 from infra.recorded_log import read_topic, replay_log
 from streaming.events import ActionVocab, decode_values
 from streaming.recorded_log import read_log
@@ -50,13 +52,13 @@ def _end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.main_job", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m infra.main_job", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dataset", default="ml-100k", choices=sorted(DATASETS))
     parser.add_argument("--bootstrap", help="broker address (default: the one `python -m infra.kafka start` runs)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    setup_logging()
 
     bootstrap = args.bootstrap or (read_info().bootstrap if read_info() else None)
     if bootstrap is None:
@@ -74,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     if ends == expected:
         log.info("2/4 %s already holds this log (%s); not replaying", TOPIC, ends)
     elif any(ends.values()):
-        print(f"error: topic {TOPIC!r} on {bootstrap} holds other events (end offsets {ends}, the log has "
-              f"{expected}); restart the broker (`python -m infra.kafka stop && python -m infra.kafka start`)",
-              file=sys.stderr)
+        print(
+            f"error: topic {TOPIC!r} on {bootstrap} holds other events (end offsets {ends}, the log has "
+            f"{expected}); restart the broker (`python -m infra.kafka stop && python -m infra.kafka start`)",
+            file=sys.stderr,
+        )
         return 1
     else:
         result = replay_log(recorded, bootstrap=bootstrap, topic=TOPIC)
@@ -84,8 +88,13 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.monotonic()
     table = read_topic(bootstrap, TOPIC)
-    valid, invalid = decode_values(table.column("value"), table.column("partition"), table.column("offset"),
-                                   vocab=ActionVocab.movielens(), now_ms=int(time.time() * 1000))
+    valid, invalid = decode_values(
+        table.column("value"),
+        table.column("partition"),
+        table.column("offset"),
+        vocab=ActionVocab.movielens(),
+        now_ms=int(time.time() * 1000),
+    )
     seconds = time.monotonic() - t0
     log.info("3/4 consumed and decoded %d events in %.1f s", table.num_rows, seconds)
 
@@ -106,8 +115,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     log.info("4/4 streaming job: %s -> Feast", TOPIC)
-    job = subprocess.run([sys.executable, "-m", "streaming.job", "--source", f"kafka://{bootstrap}/{TOPIC}",
-                          "--until-idle"], cwd=REPO_ROOT)
+    # The topic holds a recorded log (timestamps from 1997-98): freshness on the log's own clock.
+    job = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "streaming.job",
+            "--source",
+            f"kafka://{bootstrap}/{TOPIC}",
+            "--until-idle",
+            "freshness_clock=log",
+        ],
+        cwd=REPO_ROOT,
+    )
     return job.returncode
 
 

@@ -196,8 +196,15 @@ def read_topic(
 ) -> pa.Table:
     """Consume offsets [from_offset, to_offset) of each partition (default: all there is now) into
     a table in the recorded-log schema, partition by partition in offset order."""
-    return _read_topic(bootstrap, topic, partitions=partitions, from_offset=from_offset, to_offset=to_offset,
-                       progress=progress, timeout_s=timeout_s)[0]
+    return _read_topic(
+        bootstrap,
+        topic,
+        partitions=partitions,
+        from_offset=from_offset,
+        to_offset=to_offset,
+        progress=progress,
+        timeout_s=timeout_s,
+    )[0]
 
 
 def _read_topic(
@@ -241,7 +248,10 @@ def _read_topic(
                         todo.discard(tp)
                         consumer.pause(tp)
                 if todo and time.monotonic() - last_progress > timeout_s:
-                    raise RecordedLogError(f"{topic}: no record for {timeout_s:.0f} s; still waiting for {sorted(t.partition for t in todo)}")
+                    raise RecordedLogError(
+                        f"{topic}: no record for {timeout_s:.0f} s; "
+                        f"still waiting for {sorted(t.partition for t in todo)}"
+                    )
                 continue
             last_progress = time.monotonic()
             for tp, records in polled.items():
@@ -273,8 +283,15 @@ def record_topic(
 ) -> TransferResult:
     """Dump offsets [from_offset, to_offset) of `topic` (all partitions unless given) to a log file."""
     t0 = time.monotonic()
-    table, num_partitions = _read_topic(bootstrap, topic, partitions=partitions, from_offset=from_offset,
-                                        to_offset=to_offset, progress=progress, timeout_s=60.0)
+    table, num_partitions = _read_topic(
+        bootstrap,
+        topic,
+        partitions=partitions,
+        from_offset=from_offset,
+        to_offset=to_offset,
+        progress=progress,
+        timeout_s=60.0,
+    )
     write_log(table, out, num_partitions=num_partitions)
     return TransferResult(count=table.num_rows, seconds=time.monotonic() - t0, topic=topic)
 
@@ -374,8 +391,9 @@ def replay_log(
                 wait = t0 + due[i] - time.monotonic()
                 if wait > 0:
                     time.sleep(wait)
-            send(topic, value=values[i], key=keys[i], partition=part[i],
-                 timestamp_ms=None if ts[i] < 0 else ts[i]).add_errback(errors.append)
+            send(
+                topic, value=values[i], key=keys[i], partition=part[i], timestamp_ms=None if ts[i] < 0 else ts[i]
+            ).add_errback(errors.append)
             if meter and i % 4096 == 0:
                 meter.update(i)
         producer.flush(timeout=300)
@@ -401,8 +419,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from infra.kafka.broker import BrokerError
 
-    parser = argparse.ArgumentParser(prog="python -m infra.recorded_log", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m infra.recorded_log", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_rec = sub.add_parser("record", help="dump a topic's offset range to a log file")
     p_rec.add_argument("--bootstrap")
@@ -428,8 +447,10 @@ def main(argv: list[str] | None = None) -> int:
             lg = read_log(args.path)
             ts = lg.table.column("timestamp_ms").to_numpy()
             span = f", timestamps {ts.min()}..{ts.max()}" if len(ts) else ""
-            print(f"{args.path}: topic {lg.topic!r}, {len(lg):,} records, {lg.num_partitions} partitions "
-                  f"{list(lg.partition_counts().values())}{span}")
+            print(
+                f"{args.path}: topic {lg.topic!r}, {len(lg):,} records, {lg.num_partitions} partitions "
+                f"{list(lg.partition_counts().values())}{span}"
+            )
             return 0
         bootstrap = args.bootstrap or default_bootstrap()
         if args.command == "record":
@@ -438,13 +459,25 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     parts = [int(p) for p in args.partitions.split(",")]
                 except ValueError:
-                    raise RecordedLogError(f"--partitions {args.partitions!r} must be comma-separated integers") from None
-            res = record_topic(bootstrap, args.topic, args.out, partitions=parts,
-                               from_offset=args.from_offset, to_offset=args.to_offset)
-            print(f"recorded {res.count:,} records of {res.topic!r} to {args.out} in {res.seconds:.1f} s ({res.rate:,.0f}/s)")
+                    raise RecordedLogError(
+                        f"--partitions {args.partitions!r} must be comma-separated integers"
+                    ) from None
+            res = record_topic(
+                bootstrap,
+                args.topic,
+                args.out,
+                partitions=parts,
+                from_offset=args.from_offset,
+                to_offset=args.to_offset,
+            )
+            print(
+                f"recorded {res.count:,} records of {res.topic!r} to {args.out} "
+                f"in {res.seconds:.1f} s ({res.rate:,.0f}/s)"
+            )
         else:
-            res = replay_log(args.log, bootstrap=bootstrap, topic=args.topic, speedup=args.speedup,
-                             create_topic=not args.no_create)
+            res = replay_log(
+                args.log, bootstrap=bootstrap, topic=args.topic, speedup=args.speedup, create_topic=not args.no_create
+            )
             print(f"replayed {res.count:,} records into {res.topic!r} in {res.seconds:.1f} s ({res.rate:,.0f}/s)")
     except (RecordedLogError, BrokerError, KafkaError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -7,18 +7,19 @@
 
 `source` is a URL: `kafka://HOST:PORT/TOPIC` reads a broker, `log://PATH.parquet` a recorded
 Kafka log (streaming/recorded_log.py). Unknown keys and wrong types are rejected by
-`trainer.config.load_config` with the dotted key; the checks below reject values that type-check
+`config.loader.load_config` with the dotted key; the checks below reject values that type-check
 but cannot work, before any work starts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
-from infra.paths import REPO_ROOT, state_dir
-from trainer.config import ConfigError, load_config
+from config.loader import ConfigError, load_config
+from config.paths import REPO_ROOT, state_dir
 
 CONFIG_DIR = REPO_ROOT / "streaming" / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
@@ -46,9 +47,7 @@ def parse_source(url: str) -> SourceSpec:
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise JobConfigError(
-            f"source {url!r} has no scheme: write kafka://HOST:PORT/TOPIC or log://PATH.parquet"
-        )
+        raise JobConfigError(f"source {url!r} has no scheme: write kafka://HOST:PORT/TOPIC or log://PATH.parquet")
     if scheme == "kafka":
         bootstrap, slash, topic = rest.partition("/")
         host, colon, port = bootstrap.rpartition(":")
@@ -135,6 +134,11 @@ class StreamJobConfig:
     read_ahead: while behind (a batch capped at max_batch_events), read the next range (to the
       partitions' ends then) in a background thread while this batch is applied
       (streaming/pipeline.py). Caught up, batches keep their `interval_s` pacing.
+    freshness_clock: what the freshness of an event (its record timestamp to its Feast write) is
+      measured against. "wall": the wall clock, for live producers (record timestamps are when
+      they sent the event). "log": the log's own clock, the newest record timestamp applied so
+      far, for a recorded log replayed into a broker (its timestamps are from the recording, so
+      the wall clock would report decades). A `log://` source always uses "log".
     sequence_cache_events: bound (in events, ~24 bytes each) of the in-memory copy of the
       sequences this job wrote, which serves the Feast read of users it wrote recently
       (features/sequence_cache.py). Exact while this job is the store's only writer, which the
@@ -156,6 +160,7 @@ class StreamJobConfig:
     stop_when_idle: bool = False
     max_batches: int | None = None
     read_ahead: bool = True
+    freshness_clock: Literal["wall", "log"] = "wall"
     sequence_cache_events: int = 5_000_000
     progress_every_s: float = 5.0
     retry_backoff_s: float = 1.0
@@ -172,13 +177,21 @@ class StreamJobConfig:
             ("interval_s", self.interval_s, self.interval_s > 0, "> 0"),
             ("max_batch_events", self.max_batch_events, self.max_batch_events >= 1, "at least 1"),
             ("offline_writers", self.offline_writers, self.offline_writers >= 1, "at least 1"),
-            ("sequence_cache_events", self.sequence_cache_events, self.sequence_cache_events >= 0,
-             ">= 0 (0 turns the cache off)"),
+            (
+                "sequence_cache_events",
+                self.sequence_cache_events,
+                self.sequence_cache_events >= 0,
+                ">= 0 (0 turns the cache off)",
+            ),
             ("max_value_bytes", self.max_value_bytes, self.max_value_bytes >= 2, "at least 2"),
             ("progress_every_s", self.progress_every_s, self.progress_every_s > 0, "> 0"),
             ("retry_backoff_s", self.retry_backoff_s, self.retry_backoff_s >= 0, ">= 0"),
-            ("max_consecutive_failures", self.max_consecutive_failures, self.max_consecutive_failures >= 1,
-             "at least 1"),
+            (
+                "max_consecutive_failures",
+                self.max_consecutive_failures,
+                self.max_consecutive_failures >= 1,
+                "at least 1",
+            ),
             ("feed.capacity", self.feed.capacity, self.feed.capacity >= 1, "at least 1"),
             ("kafka.read_timeout_s", self.kafka.read_timeout_s, self.kafka.read_timeout_s > 0, "> 0"),
             ("ray.num_cpus", self.ray.num_cpus, self.ray.num_cpus >= 1, "at least 1"),

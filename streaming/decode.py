@@ -68,7 +68,9 @@ def decode_block(
     partitions = block.column("partition").to_numpy().astype(np.int64)
     offsets = block.column("offset").to_numpy()
     record_ts = block.column("timestamp_ms").to_numpy()
-    valid, invalid = decode_values(block.column("value"), partitions, offsets, vocab=vocab, now_ms=now_ms, config=decode)
+    valid, invalid = decode_values(
+        block.column("value"), partitions, offsets, vocab=vocab, now_ms=now_ms, config=decode
+    )
     ok = _valid_mask(partitions, offsets, invalid)
     nv, ni = int(ok.sum()), n - int(ok.sum())
     bad_rows = pa.array(np.flatnonzero(~ok))
@@ -107,6 +109,7 @@ def order_events(events: pa.Table) -> pa.Table:
     """Events sorted by (user_id, ts_ms, offset): each user's events together, in order."""
     if events.num_rows == 0:
         return events
-    order = pc.sort_indices(events, sort_keys=[("user_id", "ascending"), ("ts_ms", "ascending"),
-                                               ("offset", "ascending")])
+    order = pc.sort_indices(
+        events, sort_keys=[("user_id", "ascending"), ("ts_ms", "ascending"), ("offset", "ascending")]
+    )
     return events.take(order)

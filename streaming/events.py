@@ -91,9 +91,7 @@ class ActionVocab:
             raise EventContractError(f"actions must be a non-empty tuple of names, got {self.actions!r}")
         for name in self.actions:
             if not isinstance(name, str) or not _ACTION_NAME.match(name):
-                raise EventContractError(
-                    f"action name {name!r} must be 1-64 characters from A-Z a-z 0-9 _ . : -"
-                )
+                raise EventContractError(f"action name {name!r} must be 1-64 characters from A-Z a-z 0-9 _ . : -")
         dupes = sorted({a for a in self.actions if self.actions.count(a) > 1})
         if dupes:
             raise EventContractError(f"actions {self.actions!r} repeat {dupes}: each name must appear once")
@@ -133,7 +131,11 @@ class DecodeConfig:
     max_item_id: int = INT64_MAX
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_value_bytes, bool) or not isinstance(self.max_value_bytes, int) or self.max_value_bytes < 2:
+        if (
+            isinstance(self.max_value_bytes, bool)
+            or not isinstance(self.max_value_bytes, int)
+            or self.max_value_bytes < 2
+        ):
             raise EventContractError(f"max_value_bytes ({self.max_value_bytes!r}) must be an integer >= 2")
         skew = self.max_future_skew_ms
         if skew is not None and (isinstance(skew, bool) or not isinstance(skew, int) or skew < 0):
@@ -220,8 +222,12 @@ def _as_values(values: Sequence[bytes | None] | pa.Array | pa.ChunkedArray) -> l
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     if isinstance(values, pa.Array):
-        if not (pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type)
-                or pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        if not (
+            pa.types.is_binary(values.type)
+            or pa.types.is_large_binary(values.type)
+            or pa.types.is_string(values.type)
+            or pa.types.is_large_string(values.type)
+        ):
             raise EventContractError(f"values must be a binary or string Arrow array, got type {values.type}")
         return values.cast(pa.large_binary()).to_pylist()
     return list(values)
@@ -237,8 +243,13 @@ def _int_column(n: int, name: str, arr) -> np.ndarray:
 
 
 def _type_name(x) -> str:
-    return "null" if x is None else {int: "integer", float: "float", str: "string", bool: "boolean",
-                                     list: "array", dict: "object"}.get(type(x), type(x).__name__)
+    return (
+        "null"
+        if x is None
+        else {int: "integer", float: "float", str: "string", bool: "boolean", list: "array", dict: "object"}.get(
+            type(x), type(x).__name__
+        )
+    )
 
 
 def _snippet(v: bytes | None, limit: int = 60) -> str:
@@ -285,9 +296,16 @@ def decode_values(
 
     # --- sizes and parsing --------------------------------------------------------------------
     lengths = np.fromiter((0 if v is None else len(v) for v in vals), dtype=np.int64, count=n)
-    flag(np.flatnonzero(lengths == 0), "null_value", lambda i: "tombstone (null value)" if vals[i] is None else "empty value")
-    flag(np.flatnonzero(lengths > config.max_value_bytes), "oversized",
-         lambda i: f"{lengths[i]} bytes > max_value_bytes {config.max_value_bytes}")
+    flag(
+        np.flatnonzero(lengths == 0),
+        "null_value",
+        lambda i: "tombstone (null value)" if vals[i] is None else "empty value",
+    )
+    flag(
+        np.flatnonzero(lengths > config.max_value_bytes),
+        "oversized",
+        lambda i: f"{lengths[i]} bytes > max_value_bytes {config.max_value_bytes}",
+    )
     loads = orjson.loads
     if (bad < 0).all():
         try:
@@ -356,17 +374,27 @@ def decode_values(
     for f, limit in (("user_id", config.max_user_id), ("item_id", config.max_item_id)):
         a = int_arrays[f]
         out_of_range = np.flatnonzero((a < 0) | (a > limit))
-        flag(out_of_range, "id_out_of_range",
-             lambda i, a=a, f=f, limit=limit: f"{f} {a[i]} is negative" if a[i] < 0 else f"{f} {a[i]} > max {limit}")
+        flag(
+            out_of_range,
+            "id_out_of_range",
+            lambda i, a=a, f=f, limit=limit: f"{f} {a[i]} is negative" if a[i] < 0 else f"{f} {a[i]} > max {limit}",
+        )
     ts = int_arrays["ts_ms"]
     flag(np.flatnonzero(ts < 0), "bad_timestamp", lambda i: f"ts_ms {ts[i]} is negative")
     if config.max_future_skew_ms is not None:
         limit = now_ms + config.max_future_skew_ms
-        flag(np.flatnonzero(ts > limit), "future_timestamp",
-             lambda i: f"ts_ms {ts[i]} is {ts[i] - now_ms} ms after now ({now_ms}); max skew {config.max_future_skew_ms} ms")
+        flag(
+            np.flatnonzero(ts > limit),
+            "future_timestamp",
+            lambda i: (
+                f"ts_ms {ts[i]} is {ts[i] - now_ms} ms after now ({now_ms}); max skew {config.max_future_skew_ms} ms"
+            ),
+        )
     action_arr = pa.array(acts, type=pa.string())
     action_idx = pc.index_in(action_arr, value_set=vocab.dictionary())
-    unknown = np.flatnonzero(action_idx.is_null().to_numpy(zero_copy_only=False) & action_arr.is_valid().to_numpy(zero_copy_only=False))
+    unknown = np.flatnonzero(
+        action_idx.is_null().to_numpy(zero_copy_only=False) & action_arr.is_valid().to_numpy(zero_copy_only=False)
+    )
     flag(unknown, "unknown_action", lambda i: f"action {acts[i]!r} is not in the vocabulary {vocab.actions!r}")
 
     # --- assemble ---------------------------------------------------------------------------

@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 
+from config.loader import ConfigError
+from config.logs import setup_logging
 from streaming.config import DEFAULT_CONFIG, load_job_config
-from trainer.config import ConfigError
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m streaming.job", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m streaming.job", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config file")
     parser.add_argument("--source", help="kafka://HOST:PORT/TOPIC or log://PATH.parquet")
     parser.add_argument("--interval", type=float, help="seconds between micro-batches once caught up")
@@ -40,8 +41,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--crash-at", help="fault injection: POINT[@N] (see streaming.pipeline.CRASH_POINTS)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
-    flags = {"source": args.source, "interval_s": args.interval, "max_batch_events": args.batch_size,
-             "max_len": args.max_len, "group_id": args.group}
+    flags = {
+        "source": args.source,
+        "interval_s": args.interval,
+        "max_batch_events": args.batch_size,
+        "max_len": args.max_len,
+        "group_id": args.group,
+    }
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
     if args.until_idle:
         overrides.append("stop_when_idle=true")
@@ -49,9 +55,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    for chatty in ("kafka", "feast.infra.registry"):  # connection and registry-cache chatter per call
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    setup_logging()
     args, overrides = parse_args(argv)
     from streaming.pipeline import CrashPlan, CrashPlanError, StreamJob
 

@@ -135,8 +135,9 @@ def read_partition_range(
                     f"{topic}[{partition}]: no record for {config.read_timeout_s:.0f} s at offset {position} "
                     f"(reading up to {end}); is the broker at {bootstrap} up?"
                 )
-        return records_table(partition, [r.offset for r in got], [r.timestamp for r in got],
-                             [r.key for r in got], [r.value for r in got])
+        return records_table(
+            partition, [r.offset for r in got], [r.timestamp for r in got], [r.key for r in got], [r.value for r in got]
+        )
     finally:
         consumer.close(autocommit=False)
 
@@ -144,20 +145,22 @@ def read_partition_range(
 def _confluent_consumer(bootstrap: str, config: KafkaReadConfig):
     from confluent_kafka import Consumer
 
-    return Consumer({
-        "bootstrap.servers": bootstrap,
-        # Required by the client even for assign(); never used: nothing is committed from here.
-        "group.id": "hstu-range-reader",
-        "enable.auto.commit": False,
-        "enable.auto.offset.store": False,
-        "enable.partition.eof": True,
-        "check.crcs": config.check_crcs,
-        "max.partition.fetch.bytes": config.max_partition_fetch_bytes,
-        "fetch.max.bytes": max(64 * 1024 * 1024, config.max_partition_fetch_bytes),
-        "socket.timeout.ms": max(config.request_timeout_ms, 10_000),
-        "reconnect.backoff.max.ms": 1000,
-        "log_level": 3,  # errors only: a restarting broker is reported by our own timeout
-    })
+    return Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            # Required by the client even for assign(); never used: nothing is committed from here.
+            "group.id": "hstu-range-reader",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "enable.partition.eof": True,
+            "check.crcs": config.check_crcs,
+            "max.partition.fetch.bytes": config.max_partition_fetch_bytes,
+            "fetch.max.bytes": max(64 * 1024 * 1024, config.max_partition_fetch_bytes),
+            "socket.timeout.ms": max(config.request_timeout_ms, 10_000),
+            "reconnect.backoff.max.ms": 1000,
+            "log_level": 3,  # errors only: a restarting broker is reported by our own timeout
+        }
+    )
 
 
 def read_partition_range_confluent(
@@ -214,8 +217,9 @@ def range_reader(config: KafkaReadConfig):
     return read_partition_range_confluent if config.reader == "confluent-kafka" else read_partition_range
 
 
-def kafka_range_datasource(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]], config: KafkaReadConfig,
-                           transform=None):
+def kafka_range_datasource(
+    bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]], config: KafkaReadConfig, transform=None
+):
     """A Ray Data datasource reading offsets [start, end) of the given partitions, one task each
     (the class is defined here so that importing this module does not import Ray).
 
@@ -233,8 +237,7 @@ def kafka_range_datasource(bootstrap: str, topic: str, ranges: dict[int, tuple[i
         def get_name(self) -> str:
             return "KafkaRange"
 
-        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                           data_context=None) -> list:
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list:
             tasks = []
             for partition, (start, end) in sorted(ranges.items()):
                 if start >= end:
@@ -244,10 +247,17 @@ def kafka_range_datasource(bootstrap: str, topic: str, ranges: dict[int, tuple[i
                     block = read_range(bootstrap, topic, partition, start, end, config)
                     return [block if transform is None else transform(block)]
 
-                meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
-                                     input_files=(f"kafka://{topic}/{partition}",))
-                tasks.append(ReadTask(read_fn, meta, schema=RECORD_SCHEMA if transform is None else None,
-                                      per_task_row_limit=per_task_row_limit))
+                meta = BlockMetadata(
+                    num_rows=None, size_bytes=None, exec_stats=None, input_files=(f"kafka://{topic}/{partition}",)
+                )
+                tasks.append(
+                    ReadTask(
+                        read_fn,
+                        meta,
+                        schema=RECORD_SCHEMA if transform is None else None,
+                        per_task_row_limit=per_task_row_limit,
+                    )
+                )
             return tasks
 
     return _KafkaRangeDatasource()
@@ -256,9 +266,13 @@ def kafka_range_datasource(bootstrap: str, topic: str, ranges: dict[int, tuple[i
 def from_read_kafka(block: pa.Table) -> pa.Table:
     """A `ray.data.read_kafka` block (offset, key, value, topic, partition, timestamp, ...) as RECORD_SCHEMA."""
     return pa.Table.from_arrays(
-        [block.column("partition").cast(pa.int32()), block.column("offset").cast(pa.int64()),
-         block.column("timestamp").cast(pa.int64()), block.column("key").cast(pa.binary()),
-         block.column("value").cast(pa.binary())],
+        [
+            block.column("partition").cast(pa.int32()),
+            block.column("offset").cast(pa.int64()),
+            block.column("timestamp").cast(pa.int64()),
+            block.column("key").cast(pa.binary()),
+            block.column("value").cast(pa.binary()),
+        ],
         schema=RECORD_SCHEMA,
     )
 
@@ -281,8 +295,9 @@ class KafkaPartition:
         end = min(self.source.end_offsets()[self.partition], self._next_offset + max_events)
         if end <= self._next_offset:
             return empty_batch(self.topic, self.partition)
-        table = range_reader(self.source.config)(self.source.bootstrap, self.topic, self.partition,
-                                     self._next_offset, end, self.source.config)
+        table = range_reader(self.source.config)(
+            self.source.bootstrap, self.topic, self.partition, self._next_offset, end, self.source.config
+        )
         self._next_offset = end
         return KafkaBatch(
             topic=self.topic,
@@ -356,15 +371,19 @@ class KafkaSource:
             tasks = max(1, sum(1 for start, end in ranges.values() if end > start))
             return ray.data.read_datasource(
                 kafka_range_datasource(self.bootstrap, self.topic, dict(ranges), self.config, transform),
-                override_num_blocks=tasks)
+                override_num_blocks=tasks,
+            )
         # read_kafka reads unlisted partitions from earliest to latest: list every one.
         ends = self.end_offsets() if set(ranges) != set(self.list_parts()) else {}
         full = {p: ranges.get(p, (ends.get(p, 0), ends.get(p, 0))) for p in self.list_parts()}
         ds = ray.data.read_kafka(
-            topics=[self.topic], bootstrap_servers=self.bootstrap,
+            topics=[self.topic],
+            bootstrap_servers=self.bootstrap,
             start_offset={self.topic: {p: s for p, (s, _) in full.items()}},
             end_offset={self.topic: {p: e for p, (_, e) in full.items()}},
-            timeout_ms=int(self.config.read_timeout_s * 1000), override_num_blocks=len(full))
+            timeout_ms=int(self.config.read_timeout_s * 1000),
+            override_num_blocks=len(full),
+        )
         ds = ds.map_batches(from_read_kafka, batch_format="pyarrow", batch_size=None)
         return ds if transform is None else ds.map_batches(transform, batch_format="pyarrow", batch_size=None)
 

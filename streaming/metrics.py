@@ -9,11 +9,12 @@ Metrics (tags: `source`, `group`; `outcome` on the event counter):
     hstu_stream_lag_events                                            gauge: offsets not yet read
     hstu_stream_batch_seconds                                         histogram
     hstu_stream_freshness_seconds                                     histogram: record timestamp -> Feast write
+                                                                      (wall clock, or the log's own: freshness_clock)
     hstu_stream_freshness_p99_seconds                                 gauge: of the last batch
 
 The progress line, every `progress_every_s`:
 
-    streaming: 12 batches | 51,204 ev/s (window) | 3 dlq, 0 skipped | lag 120,431 | freshness p50 0.62 s p99 1.31 s | pending 0
+    streaming: 12 batches | 51,204 ev/s | 3 dlq, 0 skipped | lag 120,431 | freshness p50 0.62 s p99 1.31 s | pending 0
 """
 
 from __future__ import annotations
@@ -37,30 +38,47 @@ class JobMetrics:
 
         tags = {"source": source, "group": group}
         keys = ("source", "group")
-        self.events = metrics.Counter("hstu_stream_events_total", "Events seen by the streaming job, by outcome",
-                                      tag_keys=keys + ("outcome",))
+        self.events = metrics.Counter(
+            "hstu_stream_events_total", "Events seen by the streaming job, by outcome", tag_keys=keys + ("outcome",)
+        )
         self.events.set_default_tags(tags)
         self.batches = metrics.Counter("hstu_stream_batches_total", "Micro-batches applied", tag_keys=keys)
         self.batches.set_default_tags(tags)
-        self.retries = metrics.Counter("hstu_stream_retries_total", "Batch or commit attempts that failed and were retried",
-                                       tag_keys=keys)
+        self.retries = metrics.Counter(
+            "hstu_stream_retries_total", "Batch or commit attempts that failed and were retried", tag_keys=keys
+        )
         self.retries.set_default_tags(tags)
-        self.lag_gauge = metrics.Gauge("hstu_stream_lag_events", "Offsets between the job's position and the end",
-                                       tag_keys=keys)
+        self.lag_gauge = metrics.Gauge(
+            "hstu_stream_lag_events", "Offsets between the job's position and the end", tag_keys=keys
+        )
         self.lag_gauge.set_default_tags(tags)
-        self.batch_seconds = metrics.Histogram("hstu_stream_batch_seconds", "Time to apply one micro-batch",
-                                               boundaries=BATCH_BOUNDARIES, tag_keys=keys)
+        self.batch_seconds = metrics.Histogram(
+            "hstu_stream_batch_seconds", "Time to apply one micro-batch", boundaries=BATCH_BOUNDARIES, tag_keys=keys
+        )
         self.batch_seconds.set_default_tags(tags)
-        self.freshness = metrics.Histogram("hstu_stream_freshness_seconds",
-                                           "Record timestamp to Feast write, per event",
-                                           boundaries=FRESHNESS_BOUNDARIES, tag_keys=keys)
+        self.freshness = metrics.Histogram(
+            "hstu_stream_freshness_seconds",
+            "Record timestamp to Feast write, per event",
+            boundaries=FRESHNESS_BOUNDARIES,
+            tag_keys=keys,
+        )
         self.freshness.set_default_tags(tags)
-        self.freshness_p99 = metrics.Gauge("hstu_stream_freshness_p99_seconds", "p99 freshness of the last batch",
-                                           tag_keys=keys)
+        self.freshness_p99 = metrics.Gauge(
+            "hstu_stream_freshness_p99_seconds", "p99 freshness of the last batch", tag_keys=keys
+        )
         self.freshness_p99.set_default_tags(tags)
 
-    def batch(self, *, records: int, valid: int, invalid: int, applied: int, skipped: int, seconds: float,
-              freshness: np.ndarray) -> None:
+    def batch(
+        self,
+        *,
+        records: int,
+        valid: int,
+        invalid: int,
+        applied: int,
+        skipped: int,
+        seconds: float,
+        freshness: np.ndarray,
+    ) -> None:
         for outcome, n in (("valid", valid), ("invalid", invalid), ("applied", applied), ("skipped", skipped)):
             if n:
                 self.events.inc(n, tags={"outcome": outcome})
@@ -82,8 +100,9 @@ class JobMetrics:
 class ProgressLine:
     """Accumulates batches and logs one line every `every_s` seconds."""
 
-    def __init__(self, *, every_s: float) -> None:
+    def __init__(self, *, every_s: float, clock: str = "wall") -> None:
         self.every_s = every_s
+        self.label = "freshness" if clock == "wall" else f"freshness ({clock} clock)"
         self.t_last = time.monotonic()
         self._reset()
 
@@ -105,11 +124,18 @@ class ProgressLine:
         rate = self.records / (now - self.t_last)
         if self.fresh:
             f = np.concatenate(self.fresh)
-            fresh = f"freshness p50 {np.percentile(f, 50):.2f} s p99 {np.percentile(f, 99):.2f} s"
+            fresh = f"{self.label} p50 {np.percentile(f, 50):.2f} s p99 {np.percentile(f, 99):.2f} s"
         else:
-            fresh = "freshness -"
-        log.info("streaming: %d batches | %s ev/s | %d dlq, %d skipped | lag %s | %s | pending %d",
-                 fields["batches"], f"{rate:,.0f}", self.invalid, self.skipped, f"{fields['lag']:,}", fresh,
-                 fields["pending"])
+            fresh = f"{self.label} -"
+        log.info(
+            "streaming: %d batches | %s ev/s | %d dlq, %d skipped | lag %s | %s | pending %d",
+            fields["batches"],
+            f"{rate:,.0f}",
+            self.invalid,
+            self.skipped,
+            f"{fields['lag']:,}",
+            fresh,
+            fields["pending"],
+        )
         self.t_last = now
         self._reset()

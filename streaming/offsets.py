@@ -84,8 +84,13 @@ class FileOffsets:
 
     def commit(self, offsets: Offsets) -> None:
         merged = {**self._read(), **{int(p): int(o) for p, o in offsets.items()}}
-        text = json.dumps({"topic": self.topic, "offsets": {str(p): o for p, o in sorted(merged.items())},
-                           "committed_at": time.time()})
+        text = json.dumps(
+            {
+                "topic": self.topic,
+                "offsets": {str(p): o for p, o in sorted(merged.items())},
+                "committed_at": time.time(),
+            }
+        )
         write_atomic(self.path, text.encode())
 
     def close(self) -> None:

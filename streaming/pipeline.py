@@ -46,15 +46,17 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from config.logs import third_party_deprecations
+from features.sequence_batch import take_users
 from features.sequence_cache import SequenceCache
 from features.sequences import SequenceStore, SequenceStoreConfig
 from streaming.config import StreamJobConfig
+from streaming.decode import DECODED_SCHEMA, decode_block, order_events, split_decoded
 from streaming.events import DecodeConfig
 from streaming.kafka_source import KafkaSourceError
 from streaming.metrics import JobMetrics, ProgressLine
-from streaming.offsets import CommitFrontier, FileOffsets, KafkaGroupOffsets, OffsetStore, Offsets
-from streaming.decode import DECODED_SCHEMA, decode_block, order_events, split_decoded
-from streaming.sequence_update import apply_events, take_users, touched_users, training_examples
+from streaming.offsets import CommitFrontier, FileOffsets, KafkaGroupOffsets, Offsets, OffsetStore
+from streaming.sequence_update import apply_events, touched_users, training_examples
 from streaming.sinks import FileDeadLetters, KafkaDeadLetters, OfflineStore
 from streaming.sources import BatchRange, MicroBatchSource, collect, open_source, plan_range
 
@@ -63,12 +65,12 @@ log = logging.getLogger("streaming.job")
 # Named points where `--crash-at POINT[@N]` makes the job SIGKILL itself (the N-th time it gets
 # there): the crash-recovery tests use every one of them.
 CRASH_POINTS = (
-    "after_read",          # batch read and decoded, nothing written
-    "mid_feast_write",     # half of the changed users' sequences written
-    "after_feast_write",   # all sequences written; offline store, DLQ and commit not yet
-    "after_sinks",         # offline store and DLQ durable too; offsets not committed
-    "during_commit",       # half of the partitions' offsets committed
-    "after_commit",        # offsets committed
+    "after_read",  # batch read and decoded, nothing written
+    "mid_feast_write",  # half of the changed users' sequences written
+    "after_feast_write",  # all sequences written; offline store, DLQ and commit not yet
+    "after_sinks",  # offline store and DLQ durable too; offsets not committed
+    "during_commit",  # half of the partitions' offsets committed
+    "after_commit",  # offsets committed
 )
 
 
@@ -140,6 +142,7 @@ class JobSummary:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     freshness_p50_s: float | None = None
     freshness_p99_s: float | None = None
+    freshness_clock: str = ""  # "wall" or "log" (see StreamJobConfig.freshness_clock)
     stopped_by: str = ""
 
     @property
@@ -158,8 +161,14 @@ def _retryable() -> tuple[type[BaseException], ...]:
     from kafka.errors import KafkaError
     from ray.exceptions import RayError
 
-    kinds: list[type[BaseException]] = [KafkaError, RayError, KafkaSourceError, ConnectionError, TimeoutError,
-                                        sqlite3.OperationalError]
+    kinds: list[type[BaseException]] = [
+        KafkaError,
+        RayError,
+        KafkaSourceError,
+        ConnectionError,
+        TimeoutError,
+        sqlite3.OperationalError,
+    ]
     try:
         import redis
 
@@ -178,15 +187,21 @@ def init_ray(config: StreamJobConfig) -> bool:
     if config.ray.address:
         ray.init(address=config.ray.address, namespace=config.feed.namespace, log_to_driver=False)
     else:
-        ray.init(num_cpus=config.ray.num_cpus, object_store_memory=config.ray.object_store_mb * 2**20,
-                 include_dashboard=False, namespace=config.feed.namespace, log_to_driver=False)
+        ray.init(
+            num_cpus=config.ray.num_cpus,
+            object_store_memory=config.ray.object_store_mb * 2**20,
+            include_dashboard=False,
+            namespace=config.feed.namespace,
+            log_to_driver=False,
+        )
     return True
 
 
 def _quiet_ray_data() -> None:
     import ray.data
 
-    ctx = ray.data.DataContext.get_current()
+    with third_party_deprecations():  # Ray Data 2.60's DataContext warns about its own defaults
+        ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -196,7 +211,9 @@ class StreamJob:
     """The streaming job: build it from a config, `run()` it; `stop()` (or SIGTERM) ends it after
     the batch in hand."""
 
-    def __init__(self, config: StreamJobConfig, *, crash: CrashPlan | None = None, handle_signals: bool = False) -> None:
+    def __init__(
+        self, config: StreamJobConfig, *, crash: CrashPlan | None = None, handle_signals: bool = False
+    ) -> None:
         """handle_signals: SIGTERM and SIGINT call `stop()` (the CLI; main thread only). They are
         installed after `ray.init`, which installs its own SIGTERM handler."""
         self.config = config
@@ -206,6 +223,7 @@ class StreamJob:
         self._stop_reason = ""
         self.summary = JobSummary()
         self._freshness: list[np.ndarray] = []
+        self._log_clock_ms = np.iinfo(np.int64).min  # newest record timestamp applied (freshness_clock "log")
         self._first_batch_at: float | None = None
         self.metrics: JobMetrics | None = None
         self._read_ahead: _ReadAhead | None = None
@@ -231,39 +249,59 @@ class StreamJob:
         spec = cfg.source_spec()
         self.source: MicroBatchSource = open_source(cfg)
         self.source_kind = spec.kind
+        self.freshness_clock = "log" if spec.kind == "log" else cfg.freshness_clock
+        self.summary.freshness_clock = self.freshness_clock
         state = cfg.job_state_dir()
         self.offline = OfflineStore(state / "offline", actions=cfg.actions, writers=cfg.offline_writers)
         if spec.kind == "kafka":
-            self.offsets: OffsetStore = KafkaGroupOffsets(spec.bootstrap, spec.topic, cfg.group_id,
-                                                          request_timeout_ms=cfg.kafka.request_timeout_ms)
-            self.dlq = KafkaDeadLetters(spec.bootstrap, cfg.dlq_topic, source_topic=spec.topic,
-                                        request_timeout_ms=cfg.kafka.request_timeout_ms)
+            self.offsets: OffsetStore = KafkaGroupOffsets(
+                spec.bootstrap, spec.topic, cfg.group_id, request_timeout_ms=cfg.kafka.request_timeout_ms
+            )
+            self.dlq = KafkaDeadLetters(
+                spec.bootstrap, cfg.dlq_topic, source_topic=spec.topic, request_timeout_ms=cfg.kafka.request_timeout_ms
+            )
         else:
             self.offsets = FileOffsets(state / "offsets.json", topic=self.source.topic)
             self.dlq = FileDeadLetters(state / "dlq", source_topic=self.source.topic)
-        self.store = SequenceStore(SequenceStoreConfig(
-            max_len=cfg.max_len, online_store=cfg.feast.online_store, redis_address=cfg.feast.redis_address,
-            state_dir=cfg.feast.state_dir, bulk_io=cfg.feast.bulk_io))
-        self.store.feature_store  # apply the Feast repository now, not inside the first batch
+        self.store = SequenceStore(
+            SequenceStoreConfig(
+                max_len=cfg.max_len,
+                online_store=cfg.feast.online_store,
+                redis_address=cfg.feast.redis_address,
+                state_dir=cfg.feast.state_dir,
+                bulk_io=cfg.feast.bulk_io,
+            )
+        )
+        _ = self.store.feature_store  # apply the Feast repository now, not inside the first batch
         self.cache = SequenceCache(max_events=cfg.sequence_cache_events)
         self.feed = None
         if cfg.feed.consumers:
             from streaming.training_feed import TrainingFeed
 
-            self.feed = TrainingFeed(consumers=cfg.feed.consumers, capacity=cfg.feed.capacity,
-                                     actor_name=cfg.feed.actor_name, namespace=cfg.feed.namespace)
+            self.feed = TrainingFeed(
+                consumers=cfg.feed.consumers,
+                capacity=cfg.feed.capacity,
+                actor_name=cfg.feed.actor_name,
+                namespace=cfg.feed.namespace,
+            )
         self.decode = DecodeConfig(max_value_bytes=cfg.max_value_bytes, max_future_skew_ms=cfg.max_future_skew_ms)
         self.metrics = JobMetrics(source=self.source.description, group=cfg.group_id)
-        self.progress = ProgressLine(every_s=cfg.progress_every_s)
+        self.progress = ProgressLine(every_s=cfg.progress_every_s, clock=self.freshness_clock)
 
     def _start_position(self) -> Offsets:
         parts = self.source.list_parts()
         committed = self.offsets.committed(parts)
-        fallback = (self.source.beginning_offsets() if self.config.start_from == "earliest"
-                    else self.source.end_offsets())
+        fallback = (
+            self.source.beginning_offsets() if self.config.start_from == "earliest" else self.source.end_offsets()
+        )
         position = {p: committed.get(p, fallback[p]) for p in parts}
-        log.info("%s: resuming group %r at %s (%d partitions committed)", self.source.description,
-                 self.config.group_id, position, len(committed))
+        log.info(
+            "%s: resuming group %r at %s (%d partitions committed)",
+            self.source.description,
+            self.config.group_id,
+            position,
+            len(committed),
+        )
         return position
 
     def _with_retries(self, what: str, call):
@@ -279,8 +317,13 @@ class StreamJob:
                     self.metrics.retry()
                 if failures >= self.config.max_consecutive_failures:
                     raise
-                log.warning("%s failed (%d in a row), retrying in %.1f s: %s", what, failures,
-                            self.config.retry_backoff_s, str(exc).splitlines()[0][:300])
+                log.warning(
+                    "%s failed (%d in a row), retrying in %.1f s: %s",
+                    what,
+                    failures,
+                    self.config.retry_backoff_s,
+                    str(exc).splitlines()[0][:300],
+                )
                 if self._stop.wait(self.config.retry_backoff_s) and what != "commit":
                     raise _Stopped() from None
 
@@ -339,8 +382,10 @@ class StreamJob:
             batch_id += 1
             # The read ahead serves the first attempt only: a retry reads the range again.
             first_read = [ahead[1]] if ahead is not None else []
-            self._with_retries(f"batch {batch_id} ({rng.describe()})",
-                               lambda: self._process(batch_id, rng, first_read.pop() if first_read else None))
+            self._with_retries(
+                f"batch {batch_id} ({rng.describe()})",
+                lambda: self._process(batch_id, rng, first_read.pop() if first_read else None),  # noqa: B023 (called now)
+            )
             self.position = dict(rng.end)
             self._with_retries("commit", self._commit)
             self.progress.maybe_print(self._progress_fields(ends))
@@ -436,24 +481,31 @@ class StreamJob:
 
         examples = 0
         if self.feed is not None:
-            table = training_examples(update)
-            self.feed.publish(batch_id, rng.end, table)
-            examples = table.num_rows
+            batch = training_examples(update)
+            self.feed.publish(batch_id, rng.end, batch)
+            examples = len(batch)
             timer.lap("feed")
         self.frontier.add_batch(batch_id, rng.end)
         self.frontier.mark_durable(batch_id)
 
-        # Freshness: from the record's timestamp (producer time) to the Feast write. A recorded
-        # log's timestamps are from when it was recorded, so a log source has none.
-        if self.source_kind == "kafka":
-            fresh = (written_ms - valid.column("timestamp_ms").to_numpy()) / 1000.0
-        else:
-            fresh = np.zeros(0)
+        # Freshness: from the record's timestamp (producer time) to the Feast write, on the wall
+        # clock; for a recorded log, on the log's own clock (its newest record timestamp so far).
+        record_ms = valid.column("timestamp_ms").to_numpy()
+        if self.freshness_clock == "log" and len(record_ms):
+            self._log_clock_ms = max(self._log_clock_ms, int(record_ms.max()))
+            written_ms = self._log_clock_ms
+        fresh = (written_ms - record_ms) / 1000.0
         if len(fresh):
             self._freshness.append(fresh.astype(np.float32))
         seconds = time.monotonic() - t0
-        log.debug("batch %d: %d records (%s) in %.2f s: %s", batch_id, decoded.num_rows, rng.describe(), seconds,
-                  " ".join(f"{k} {v:.2f}" for k, v in timer.last.items()))
+        log.debug(
+            "batch %d: %d records (%s) in %.2f s: %s",
+            batch_id,
+            decoded.num_rows,
+            rng.describe(),
+            seconds,
+            " ".join(f"{k} {v:.2f}" for k, v in timer.last.items()),
+        )
         s.active_seconds = time.monotonic() - self._first_batch_at
         s.batches += 1
         s.records += decoded.num_rows
@@ -467,13 +519,22 @@ class StreamJob:
         s.users_read_feast += len(users) - cached
         s.offline_rows += offline_rows
         s.examples += examples
-        self.metrics.batch(records=decoded.num_rows, valid=valid.num_rows, invalid=letters.num_rows,
-                           applied=update.applied, skipped=update.skipped, seconds=seconds, freshness=fresh)
-        self.progress.add(records=decoded.num_rows, invalid=letters.num_rows, skipped=update.skipped,
-                          freshness=fresh)
+        self.metrics.batch(
+            records=decoded.num_rows,
+            valid=valid.num_rows,
+            invalid=letters.num_rows,
+            applied=update.applied,
+            skipped=update.skipped,
+            seconds=seconds,
+            freshness=fresh,
+        )
+        self.progress.add(records=decoded.num_rows, invalid=letters.num_rows, skipped=update.skipped, freshness=fresh)
         if update.partition_moves:
-            log.warning("batch %d: %d events came from another partition than their user's watermark",
-                        batch_id, update.partition_moves)
+            log.warning(
+                "batch %d: %d events came from another partition than their user's watermark",
+                batch_id,
+                update.partition_moves,
+            )
 
     def _commit(self) -> None:
         if self.feed is not None:

@@ -35,7 +35,6 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -203,7 +202,12 @@ def _coerce(table: pa.Table, problems: list[str]) -> pa.Table | None:
         if field.name == "topic":
             ok = pa.types.is_string(t) or pa.types.is_large_string(t)
         elif field.name in ("key", "value"):
-            ok = pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+            ok = (
+                pa.types.is_binary(t)
+                or pa.types.is_large_binary(t)
+                or pa.types.is_string(t)
+                or pa.types.is_large_string(t)
+            )
         else:
             ok = pa.types.is_integer(t)
         if not ok:
@@ -251,7 +255,8 @@ def validate_log_table(table: pa.Table, *, num_partitions: int | None = None, wh
         num_partitions = max(max_part + 1, 1)
     elif max_part >= num_partitions:
         problems.append(
-            f"partition {max_part} (row {int(np.argmax(part))}) is not below the topic's num_partitions {num_partitions}"
+            f"partition {max_part} (row {int(np.argmax(part))}) is not below the topic's "
+            f"num_partitions {num_partitions}"
         )
     if len(offs) and offs.min() < 0:
         problems.append(f"negative offset {offs.min()} at row {int(np.argmin(offs))}")
@@ -309,8 +314,6 @@ def read_log(path: str | Path) -> RecordedLog:
         except (ValueError, KeyError, TypeError):
             raise RecordedLogError(f"{path}: metadata {META_KEY.decode()} is not valid: {raw[:200]!r}") from None
         if version != FORMAT_VERSION:
-            raise RecordedLogError(
-                f"{path}: log format version {version!r}; this code reads version {FORMAT_VERSION}"
-            )
+            raise RecordedLogError(f"{path}: log format version {version!r}; this code reads version {FORMAT_VERSION}")
     log = validate_log_table(table, num_partitions=num_partitions, where=str(path))
     return RecordedLog(table=log.table, topic=log.topic, num_partitions=log.num_partitions, path=path)

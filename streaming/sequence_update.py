@@ -26,9 +26,9 @@ on them). They are always the trailing `num_new` positions, because a batch's ev
 every event of earlier batches of the user's partition.
 
     >>> import numpy as np, pyarrow as pa
-    >>> from features.sequences import SequenceBatch
+    >>> from features.sequence_batch import SequenceBatch
     >>> cur = SequenceBatch.from_sequences(user_ids=[7], item_ids=[[1, 2]], actions=[[0, 0]],
-    ...     timestamps=[[10, 20]], last_partition=[0], last_offset=[5])
+    ...     timestamps_ms=[[10, 20]], last_partition=[0], last_offset=[5])
     >>> ev = pa.table({"user_id": [7, 7], "item_id": [2, 3], "action": pa.array([0, 1], pa.int8()),
     ...     "ts_ms": [20, 30], "partition": pa.array([0, 0], pa.int32()), "offset": [5, 6]})
     >>> up = apply_events(cur, ev, max_len=2)
@@ -43,10 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from features.sequences import SequenceBatch, take_users
-
-__all__ = ["EXAMPLE_SCHEMA", "SequenceUpdate", "apply_events", "take_users", "touched_users",
-           "training_examples"]
+from features.sequence_batch import SequenceBatch, take_users
 
 
 def touched_users(ordered: pa.Table) -> np.ndarray:
@@ -140,7 +137,7 @@ def apply_events(current: SequenceBatch, events: pa.Table, *, max_len: int) -> S
         offsets=out_offsets,
         item_ids=assemble(current.item_ids, events.column("item_id").to_numpy()),
         actions=assemble(current.actions, events.column("action").to_numpy().astype(np.int64)),
-        timestamps=assemble(current.timestamps, events.column("ts_ms").to_numpy()),
+        timestamps_ms=assemble(current.timestamps_ms, events.column("ts_ms").to_numpy()),
         last_partition=last_partition,
         last_offset=last_offset,
     )
@@ -154,37 +151,7 @@ def apply_events(current: SequenceBatch, events: pa.Table, *, max_len: int) -> S
     )
 
 
-EXAMPLE_SCHEMA = pa.schema(
-    [
-        ("user_id", pa.int64()),
-        ("item_ids", pa.list_(pa.int64())),
-        ("actions", pa.list_(pa.int64())),
-        ("timestamps", pa.list_(pa.int64())),
-        ("num_new", pa.int64()),
-        ("last_partition", pa.int64()),
-        ("last_offset", pa.int64()),
-    ]
-)
-
-
-def training_examples(update: SequenceUpdate) -> pa.Table:
-    """The users with `num_new > 0` as training examples (EXAMPLE_SCHEMA, jagged list columns)."""
+def training_examples(update: SequenceUpdate) -> SequenceBatch:
+    """The users with `num_new > 0` as training examples: their sequences with `num_new` set."""
     rows = np.flatnonzero(update.num_new > 0)
-    seqs = take_users(update.sequences, rows)
-    offsets = pa.array(seqs.offsets.astype(np.int32))
-
-    def jagged(values: np.ndarray) -> pa.Array:
-        return pa.ListArray.from_arrays(offsets, pa.array(values))
-
-    return pa.Table.from_arrays(
-        [
-            pa.array(seqs.user_ids),
-            jagged(seqs.item_ids),
-            jagged(seqs.actions),
-            jagged(seqs.timestamps),
-            pa.array(update.num_new[rows]),
-            pa.array(seqs.last_partition),
-            pa.array(seqs.last_offset),
-        ],
-        schema=EXAMPLE_SCHEMA,
-    )
+    return take_users(update.sequences.with_num_new(update.num_new), rows)

@@ -34,7 +34,7 @@ import logging
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +151,7 @@ class OfflineStore:
         marks: dict[tuple[str, int], int] = {}
         for g in range(len(bounds) - 1):  # one file per (day, partition) in the batch
             lo, hi = int(bounds[g]), int(bounds[g + 1])
-            folder_name = "day=" + datetime.fromtimestamp(int(day[lo]) * 86_400, tz=timezone.utc).strftime("%Y-%m-%d")
+            folder_name = "day=" + datetime.fromtimestamp(int(day[lo]) * 86_400, tz=UTC).strftime("%Y-%m-%d")
             p = int(part[lo])
             mark = self._marks.get((folder_name, p), -1)
             lo += int(np.searchsorted(off[lo:hi], mark, side="right"))
@@ -280,8 +280,13 @@ class KafkaDeadLetters:
                 ("source_partition", str(row["partition"]).encode()),
                 ("source_offset", str(row["offset"]).encode()),
             ]
-            future = self._producer.send(self.topic, key=row["key"], value=row["value"], headers=headers,
-                                         timestamp_ms=row["timestamp_ms"] if row["timestamp_ms"] >= 0 else None)
+            future = self._producer.send(
+                self.topic,
+                key=row["key"],
+                value=row["value"],
+                headers=headers,
+                timestamp_ms=row["timestamp_ms"] if row["timestamp_ms"] >= 0 else None,
+            )
             future.add_errback(self._errors.append)
         return letters.num_rows
 

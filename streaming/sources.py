@@ -37,7 +37,9 @@ class BatchRange:
         return sum(self.end[p] - self.start[p] for p in self.start)
 
     def describe(self) -> str:
-        return " ".join(f"p{p}:{self.start[p]}-{self.end[p]}" for p in sorted(self.start) if self.end[p] > self.start[p])
+        return " ".join(
+            f"p{p}:{self.start[p]}-{self.end[p]}" for p in sorted(self.start) if self.end[p] > self.start[p]
+        )
 
 
 def plan_range(position: Offsets, ends: Offsets, *, max_events: int) -> BatchRange | None:

@@ -1,8 +1,9 @@
 """The training feed: each micro-batch's updated sequences, handed to trainers through Ray.
 
-The job puts every micro-batch's training examples (`EXAMPLE_SCHEMA` of
-streaming/sequence_update.py: a user's sequence plus `num_new`, the trailing events no model has
-trained on) into Ray's object store and registers the reference with `FeedBuffer`, a named
+The job puts every micro-batch's training examples (a `features.sequence_batch.SequenceBatch`
+with `num_new`: each user's updated sequence and the trailing events no model has trained on,
+from `streaming.sequence_update.training_examples`) into Ray's object store and registers the
+reference with `FeedBuffer`, a named
 async actor. Every configured consumer reads every batch, in order, and acknowledges it once
 trained on (for a trainer: once the checkpoint that includes it is saved). The buffer is bounded:
 when `capacity` batches are out but not acknowledged by all consumers, the job waits before
@@ -15,7 +16,7 @@ A consumer, in any process of the same Ray cluster:
     >>> feed = FeedConsumer("trainer")              # the name listed in feed.consumers
     >>> batch = feed.next(timeout_s=5)              # None when nothing arrives in time
     >>> if batch is not None:
-    ...     train_on(batch.examples)                # a pyarrow Table
+    ...     train_on(batch.examples)                # a SequenceBatch with num_new
     ...     feed.ack(batch.batch_id)
 
 Consumers are at-least-once across job crashes: a batch that was applied but not committed is
@@ -28,8 +29,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-import pyarrow as pa
-
+from features.sequence_batch import SequenceBatch
 from streaming.offsets import Offsets
 
 
@@ -47,7 +47,7 @@ class FeedBatch:
 
     batch_id: int
     end_offsets: Offsets
-    examples: pa.Table
+    examples: SequenceBatch
 
 
 class _FeedBufferImpl:
@@ -77,7 +77,7 @@ class _FeedBufferImpl:
         async with self.changed:
             try:
                 await asyncio.wait_for(self.changed.wait_for(lambda: self._outstanding() < self.capacity), timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return False
             return True
 
@@ -94,8 +94,9 @@ class _FeedBufferImpl:
         async with self.changed:
             try:
                 await asyncio.wait_for(
-                    self.changed.wait_for(lambda: self.closed or self.next_index[consumer] < len(self.order)), timeout_s)
-            except asyncio.TimeoutError:
+                    self.changed.wait_for(lambda: self.closed or self.next_index[consumer] < len(self.order)), timeout_s
+                )
+            except TimeoutError:
                 return None
             if self.next_index[consumer] >= len(self.order):
                 return "closed" if self.closed else None
@@ -125,8 +126,12 @@ class _FeedBufferImpl:
         return min(self.acked.values())
 
     def stats(self) -> dict:
-        return {"held": len(self.order), "outstanding": self._outstanding(), "acked": dict(self.acked),
-                "capacity": self.capacity}
+        return {
+            "held": len(self.order),
+            "outstanding": self._outstanding(),
+            "acked": dict(self.acked),
+            "capacity": self.capacity,
+        }
 
     async def close(self) -> None:
         async with self.changed:
@@ -164,7 +169,7 @@ class TrainingFeed:
 
         return ray.get(self.actor.wait_for_room.remote(timeout_s))
 
-    def publish(self, batch_id: int, end_offsets: Offsets, examples: pa.Table) -> None:
+    def publish(self, batch_id: int, end_offsets: Offsets, examples: SequenceBatch) -> None:
         import ray
 
         ray.get(self.actor.put.remote(batch_id, end_offsets, [ray.put(examples)]))
@@ -191,8 +196,9 @@ class TrainingFeed:
 class FeedConsumer:
     """A consumer's handle on the feed, from any process connected to the job's Ray cluster."""
 
-    def __init__(self, name: str, *, actor_name: str = "hstu-training-feed", namespace: str = "hstu",
-                 wait_s: float = 60.0) -> None:
+    def __init__(
+        self, name: str, *, actor_name: str = "hstu-training-feed", namespace: str = "hstu", wait_s: float = 60.0
+    ) -> None:
         import ray
 
         self.name = name
@@ -219,7 +225,9 @@ class FeedConsumer:
         try:
             got = ray.get(self.actor.get.remote(self.name, timeout_s))
         except RayActorError:
-            raise FeedClosed(f"the training feed is gone (the streaming job stopped); {self.name!r} read all it got") from None
+            raise FeedClosed(
+                f"the training feed is gone (the streaming job stopped); {self.name!r} read all it got"
+            ) from None
         if got == "closed":
             raise FeedClosed(f"the training feed was closed by the streaming job; {self.name!r} read everything")
         if got is None:
@@ -235,5 +243,7 @@ class FeedConsumer:
         try:
             ray.get(self.actor.ack.remote(self.name, batch_id))
         except RayActorError:
-            raise FeedClosed(f"the training feed is gone: batch {batch_id} will be delivered again after the "
-                             "job restarts, since its offsets were not committed") from None
+            raise FeedClosed(
+                f"the training feed is gone: batch {batch_id} will be delivered again after the "
+                "job restarts, since its offsets were not committed"
+            ) from None

@@ -1,4 +1,5 @@
-"""Fixtures shared by every test package: the real Kafka broker and throwaway topics.
+"""Fixtures shared by every test package: the real Kafka broker and throwaway topics, a private
+redis-server, one local Ray instance.
 
 Broker tests need `python -m infra.kafka start` (`.ci/run` and `infra/test.sh` do it); without a
 broker they fail with that instruction rather than skip, so a green run always means the broker
@@ -8,7 +9,10 @@ tests ran.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -63,3 +67,64 @@ def new_topic(kafka_bootstrap: str) -> Iterator[Callable[..., str]]:
             admin.delete_topics(created, timeout_ms=15000)
         finally:
             admin.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def redis_address(tmp_path) -> Iterator[str]:
+    """`host:port` of a private redis-server on a free port (skips when redis-server is not installed)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"redis-server on port {port} did not start") from None
+                time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> Iterator[str]:
+    """The GCS address of one local Ray instance for the whole session (it takes seconds to start on
+    a small machine), sized for two cores with more logical CPUs than cores; subprocess jobs join it."""
+    import ray
+
+    ray.init(
+        num_cpus=4, object_store_memory=512 * 2**20, include_dashboard=False, namespace="hstu", log_to_driver=False
+    )
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()

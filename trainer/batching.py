@@ -1,8 +1,9 @@
-"""Jagged batches of user sequences: values plus offsets, never padded to the batch maximum.
+"""Training batches of user sequences: values plus offsets, never padded to the batch maximum.
 
-A `JaggedBatch` concatenates the (truncated) sequences of `B` users: token `t` of user `b` sits at
-`offsets[b] + t`. `num_new[b]` says how many trailing events of user `b` are new, i.e. training
-targets (the streaming contract); the offline trainer marks every event new.
+A batch is the project's one jagged type, `features.sequence_batch.SequenceBatch`, holding the
+(truncated) sequences of `B` users with `num_new` set: `num_new[b]` says how many trailing events
+of user `b` are new, i.e. training targets (the streaming contract); the offline trainer marks
+every event new.
 
 Stochastic Length (Zhai et al. 2024, sec. 3.3) shortens long sequences at random to cut the
 quadratic attention cost. With `N` the maximum length and `alpha` in (1, 2], a sequence of `n`
@@ -10,12 +11,10 @@ events is kept whole if `n <= N**(alpha/2)`; otherwise, with probability `1 - N*
 replaced by a random order-preserving subsequence of `N**(alpha/2)` events, and kept whole with
 probability `N**alpha / n**2`. `alpha = 2` keeps everything.
 
-    >>> import numpy as np
-    >>> from trainer.splits import UserSequences
+    >>> from features.sequence_batch import SequenceBatch
     >>> from trainer.batching import make_batch
-    >>> seqs = UserSequences(user_ids=np.array([7, 8]), offsets=np.array([0, 3, 5]),
-    ...                      item_ids=np.array([1, 2, 3, 4, 5]), actions=np.zeros(5, np.int64),
-    ...                      timestamps=np.arange(5))
+    >>> seqs = SequenceBatch.from_sequences(user_ids=[7, 8], item_ids=[[1, 2, 3], [4, 5]],
+    ...     actions=[[0, 0, 0], [0, 0]], timestamps_ms=[[0, 1, 2], [3, 4]])
     >>> b = make_batch(seqs, np.array([0, 1]), max_len=2)
     >>> b.item_ids.tolist(), b.offsets.tolist(), b.num_new.tolist()
     ([2, 3, 4, 5], [0, 2, 4], [2, 2])
@@ -25,43 +24,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
 
 import numpy as np
-import torch
 
-from trainer.splits import UserSequences
+from features.sequence_batch import SequenceBatch, gather, gather_slices, offsets_from_lengths
 
 
 class BatchError(ValueError):
     """Batching arguments that cannot work (non-positive sizes, alpha out of range)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class JaggedBatch:
-    """Sequences of `B` users flattened into `T` tokens (oldest first within each user)."""
-
-    item_ids: torch.Tensor  # [T] int64 raw item ids
-    actions: torch.Tensor  # [T] int64 action index
-    timestamps: torch.Tensor  # [T] int64 seconds
-    offsets: torch.Tensor  # [B+1] int64
-    num_new: torch.Tensor  # [B] int64 trailing events that are training targets
-    user_ids: torch.Tensor  # [B] int64
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.offsets.numel()) - 1
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.item_ids.numel())
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.offsets[1:] - self.offsets[:-1]
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> JaggedBatch:
-        return JaggedBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
 
 
 def stochastic_length_indices(
@@ -83,15 +53,15 @@ def stochastic_length_indices(
 
 
 def make_batch(
-    seqs: UserSequences,
+    seqs: SequenceBatch,
     users: np.ndarray,
     *,
     max_len: int,
     num_new: np.ndarray | None = None,
     stochastic_length_alpha: float | None = None,
     rng: np.random.Generator | None = None,
-) -> JaggedBatch:
-    """The jagged batch of users at positions `users`, each cut to its latest `max_len` events.
+) -> SequenceBatch:
+    """The batch of users at positions `users`, each cut to its latest `max_len` events.
 
     `num_new[i]` (default: the whole sequence) counts user i's trailing new events before
     truncation; after truncation and Stochastic Length it counts the kept new events.
@@ -119,22 +89,12 @@ def make_batch(
                 lengths[i] = kept.size
         idx = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
     else:
-        offs = np.cumsum(lengths) - lengths
-        idx = np.repeat(starts - offs, lengths) + np.arange(int(lengths.sum()))
-    offsets = np.zeros(users.size + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return JaggedBatch(
-        item_ids=torch.from_numpy(seqs.item_ids[idx]),
-        actions=torch.from_numpy(seqs.actions[idx]),
-        timestamps=torch.from_numpy(seqs.timestamps[idx]),
-        offsets=torch.from_numpy(offsets),
-        num_new=torch.from_numpy(new.astype(np.int64)),
-        user_ids=torch.from_numpy(seqs.user_ids[users]),
-    )
+        idx, _ = gather_slices(starts, lengths)
+    return gather(seqs, users, idx, offsets_from_lengths(lengths), new.astype(np.int64))
 
 
 def iterate_batches(
-    seqs: UserSequences,
+    seqs: SequenceBatch,
     *,
     batch_size: int,
     max_len: int,
@@ -142,7 +102,7 @@ def iterate_batches(
     rng: np.random.Generator,
     stochastic_length_alpha: float | None = None,
     min_length: int = 1,
-) -> Iterator[JaggedBatch]:
+) -> Iterator[SequenceBatch]:
     """One epoch of batches over all users with at least `min_length` events."""
     if batch_size < 1:
         raise BatchError(f"batch_size ({batch_size}) must be >= 1")

@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from trainer.config import from_dict, to_dict
+from config.loader import from_dict, to_dict
 from trainer.embedding_table import DynamicEmbeddingTable, TableConfig
 from trainer.model import HSTUModel, ModelConfig, build_model
 
@@ -89,9 +89,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
     return model.to(device), meta["progress"]
 
 
-def load_into(
-    path: str | Path, *, model: HSTUModel, optimizer: torch.optim.Optimizer | None = None
-) -> dict[str, Any]:
+def load_into(path: str | Path, *, model: HSTUModel, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Load weights (and optimizer state, if given) from `path` into existing objects."""
     meta = read_metadata(path)
     tensors = load_file(str(path))

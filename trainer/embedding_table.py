@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from trainer.config import from_dict, to_dict
+from config.loader import from_dict, to_dict
 
 PAD_ROW = 0
 _SENTINEL = np.iinfo(np.int64).max  # fills the unused tail of the sorted key array
@@ -308,9 +308,7 @@ class DynamicEmbeddingTable(nn.Module):
             return self._decayed_counts(rows, now)
         return self._row_last_seen[rows].copy()
 
-    def _admit(
-        self, ids: np.ndarray, counts: np.ndarray, now: float, protect: np.ndarray, stats: ObserveStats
-    ) -> None:
+    def _admit(self, ids: np.ndarray, counts: np.ndarray, now: float, protect: np.ndarray, stats: ObserveStats) -> None:
         free = self.first_item_row + np.flatnonzero(self._row_ids[self.first_item_row :] < 0)
         need = ids.size - free.size
         if need > 0:
@@ -411,9 +409,7 @@ class DynamicEmbeddingTable(nn.Module):
         state["sketch"] = torch.from_numpy(self._sketch.table.copy())
         state["sketch_additions"] = torch.tensor([self._sketch.additions], dtype=torch.int64)
         c = self.counters
-        state["counters"] = torch.tensor(
-            [c.observed, c.admitted, c.evicted, c.expired, c.rejected], dtype=torch.int64
-        )
+        state["counters"] = torch.tensor([c.observed, c.admitted, c.evicted, c.expired, c.rejected], dtype=torch.int64)
         state["generator"] = self._gen.get_state()
         return state
 

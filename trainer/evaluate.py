@@ -15,10 +15,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from features.sequence_batch import SequenceBatch
 from trainer.batching import make_batch
 from trainer.metrics import RankingMetrics, exclude_history, ranks_from_scores
 from trainer.model import HSTUModel
-from trainer.splits import EvalSet, UserSequences
+from trainer.splits import EvalSet
 
 
 @torch.no_grad()
@@ -28,7 +29,7 @@ def retrieval_ranks(
     *,
     max_seq_len: int,
     batch_size: int = 256,
-    exclude: UserSequences | None = None,
+    exclude: SequenceBatch | None = None,
 ) -> np.ndarray:
     """Each user's 0-based rank of the held-out target among all live items (history removed).
 
@@ -39,31 +40,35 @@ def retrieval_ranks(
     """
     if exclude is None:
         exclude = eval_set.history
-    elif exclude.num_users != eval_set.history.num_users:
-        raise ValueError(f"exclude has {exclude.num_users} users, the eval set {eval_set.history.num_users}")
+    elif len(exclude) != len(eval_set.history):
+        raise ValueError(f"exclude has {len(exclude)} users, the eval set {len(eval_set.history)}")
     elif not np.array_equal(exclude.user_ids, eval_set.history.user_ids):
         raise ValueError("exclude holds other users, or the same in another order, than the eval set")
     was_training = model.training
     model.eval()
     history = eval_set.history
     device = model.device
-    all_users = np.arange(history.num_users)
-    longest = int(exclude.lengths.max()) if exclude.num_users else 0
+    all_users = np.arange(len(history))
+    longest = int(exclude.lengths.max()) if len(exclude) else 0
     out: list[torch.Tensor] = []
     try:
-        for start in range(0, history.num_users, batch_size):
+        for start in range(0, len(history), batch_size):
             users = all_users[start : start + batch_size]
             batch = make_batch(history, users, max_len=max_seq_len)
             rows = model.table.lookup(batch.item_ids).to(device)
-            request = torch.from_numpy(eval_set.target_timestamps[users]).to(device)  # when the target came
+            request = torch.from_numpy(eval_set.target_timestamps_ms[users]).to(device)  # when the target came
             scores = model.retrieval_scores(
-                rows, batch.actions.to(device), batch.timestamps.to(device), batch.offsets, request
+                rows,
+                torch.from_numpy(batch.actions).to(device),
+                torch.from_numpy(batch.timestamps_ms).to(device),
+                torch.from_numpy(batch.offsets),
+                request,
             )  # (B, num_rows)
             targets = model.table.lookup(torch.from_numpy(eval_set.targets[users])).to(device)
             alive = model.table.live_mask().to(device)[targets]
             full = make_batch(exclude, users, max_len=max(longest, 1))  # whole history, for exclusion
             seen = model.table.lookup(full.item_ids).to(device)
-            scores = exclude_history(scores, seen, full.offsets.to(device), targets)
+            scores = exclude_history(scores, seen, torch.from_numpy(full.offsets).to(device), targets)
             ranks = ranks_from_scores(scores, targets)
             out.append(torch.where(alive, ranks, torch.full_like(ranks, scores.shape[1])).cpu())
     finally:

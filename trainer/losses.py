@@ -81,11 +81,11 @@ def target_index(offsets: Tensor, num_new: Tensor) -> TargetIndex:
 class GenerativeLoss:
     """Computes the objective of one batch from the model's token outputs.
 
-        loss_fn = GenerativeLoss(config=LossConfig(), table=model.table)
-        out = model.encode(rows, actions, timestamps, layout)
-        losses = loss_fn(out, layout=layout, rows=rows, actions=actions, targets=target_index(...),
-                         action_head=model.action_head)
-        losses["loss"].backward()
+    loss_fn = GenerativeLoss(config=LossConfig(), table=model.table)
+    out = model.encode(rows, actions, timestamps, layout)
+    losses = loss_fn(out, layout=layout, rows=rows, actions=actions, targets=target_index(...),
+                     action_head=model.action_head)
+    losses["loss"].backward()
     """
 
     def __init__(self, *, config: LossConfig, table: DynamicEmbeddingTable, seed: int = 0) -> None:

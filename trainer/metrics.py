@@ -1,8 +1,9 @@
 """Ranking metrics of the public sequential-recommendation protocol: HR@K, NDCG@K and MRR.
 
 Every user has one held-out target. Its rank is the number of other candidates that score at
-least as high (0 = top; ties count against the model, so a constant scorer gets no credit); items already in the user's history are removed from the candidates before
-ranking (the target itself is never removed).
+least as high (0 = top; ties count against the model, so a constant scorer gets no credit);
+items already in the user's history are removed from the candidates before ranking (the target
+itself is never removed).
 
 - HR@K   = 1 if rank < K
 - NDCG@K = 1 / log2(rank + 2) if rank < K (one relevant item, so the ideal DCG is 1)

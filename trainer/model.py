@@ -30,7 +30,7 @@ themselves, never each other, so one pass scores all of a user's candidates.
     ...                                  max_seq_len=10, num_actions=3), capacity=100)
     >>> _ = model.table.observe(torch.arange(1, 6), now=0.0)
     >>> logits = model.rank(item_ids=torch.tensor([1, 2, 3]), actions=torch.tensor([0, 2, 1]),
-    ...                     timestamps=torch.tensor([10, 20, 30]), candidate_ids=torch.tensor([4, 5]))
+    ...                     timestamps_ms=torch.tensor([10_000, 20_000, 30_000]), candidate_ids=torch.tensor([4, 5]))
     >>> tuple(logits.shape)    # (candidates, actions)
     (2, 3)
 """
@@ -41,175 +41,20 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels.hstu_attention import hstu_attention
 from trainer.embedding_table import DynamicEmbeddingTable, TableConfig
+from trainer.layout import ModelInputError, TokenLayout, build_layout
+from trainer.sasrec import SASRecEncoder
 
 
-class ModelInputError(ValueError):
-    """Inputs the model cannot encode (too long, wrong shapes, candidates in the items layout)."""
-
-
-# ----------------------------------------------------------------------------- token layout
-@dataclass(frozen=True, kw_only=True)
-class AttentionGroup:
-    """Sequences of similar length that share one attention call (see `ModelConfig.attention_groups`)."""
-
-    offsets: Tensor  # [Bg+1] token offsets within the group's slice of the permuted tokens
-    num_candidates: Tensor | None  # [Bg]
-    max_len: int
-    start: int  # the group's tokens are permuted[start:stop]
-    stop: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class TokenLayout:
-    """Where each event and candidate sits in the flattened token sequence of a batch.
-
-    Built on the host from event offsets; all index tensors are int64 on `device`.
-    """
-
-    offsets: Tensor  # [B+1] token offsets
-    item_token: Tensor  # [E] token of each event's item
-    has_next: Tensor  # [E] bool: the event is followed by another of its sequence
-    last_event: Tensor  # [B'] the last event of each non-empty sequence
-    nonempty: Tensor  # [B] bool: the sequence has events (the rows of last_event)
-    action_token: Tensor | None  # [E] token of each event's action (interleaved only)
-    query_token: Tensor  # [E] token whose output retrieves the event after this one
-    candidate_token: Tensor  # [C] token of each candidate
-    positions: Tensor  # [Ttok] position within the sequence (candidates share the first one's)
-    num_candidates: Tensor | None  # [B] (None when there are none)
-    max_len: int  # longest token sequence in the batch
-    permutation: Tensor | None = None  # [Ttok] tokens grouped by length (None: one group)
-    inverse_permutation: Tensor | None = None
-    groups: tuple[AttentionGroup, ...] = ()
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.positions.numel())
-
-
-def length_groups(lengths: np.ndarray, num_groups: int) -> list[np.ndarray]:
-    """Split sequences into <= num_groups sets, sorted by length, minimising sum(B_g * max_len_g^2).
-
-    That sum is the work of an attention implementation that pads each call to its longest
-    sequence; a small dynamic program over the sorted lengths finds the best cut points.
-    """
-    order = np.argsort(lengths, kind="stable")
-    sorted_len = lengths[order].astype(np.float64)
-    n = sorted_len.size
-    num_groups = max(1, min(num_groups, n))
-    idx = np.arange(n + 1)
-    # cost[i, j]: sequences i..j-1 (sorted) in one call = (j - i) * len[j-1]^2, for i < j.
-    last = np.r_[0.0, sorted_len] ** 2
-    cost = np.where(idx[:, None] < idx[None, :], (idx[None, :] - idx[:, None]) * last[None, :], np.inf)
-    best = cost[0].copy()  # one group covering 0..j-1
-    cuts = [np.zeros(n + 1, dtype=np.int64)]
-    for _ in range(1, num_groups):
-        total = best[:, None] + cost  # (i, j): best split of 0..i-1, then one group i..j-1
-        choice = np.argmin(total, axis=0)
-        best = total[choice, idx]
-        cuts.append(choice)
-    groups, j = [], n
-    for level in range(num_groups - 1, -1, -1):
-        i = int(cuts[level][j]) if level else 0
-        if i < j:
-            groups.append(order[i:j])
-        j = i
-    return groups[::-1]
-
-
-def build_layout(
-    event_offsets: Tensor,
-    *,
-    interleaved: bool,
-    candidate_offsets: Tensor | None = None,
-    attention_groups: int = 1,
-    device: torch.device | str = "cpu",
-) -> TokenLayout:
-    """The `TokenLayout` of a batch with `event_offsets` [B+1] (and optional candidates).
-
-    With `attention_groups > 1` the sequences are also split into length groups, each attended
-    in its own call padded only to its own longest sequence.
-    """
-    event_offsets = event_offsets.to("cpu", torch.int64)
-    num_seq = event_offsets.numel() - 1
-    ev_len = event_offsets[1:] - event_offsets[:-1]  # (B,)
-    per_event = 2 if interleaved else 1
-    hist_len = per_event * ev_len  # (B,) tokens of history
-    if candidate_offsets is not None:
-        candidate_offsets = candidate_offsets.to("cpu", torch.int64)
-        if candidate_offsets.numel() != num_seq + 1:
-            raise ModelInputError(
-                f"candidate_offsets has {candidate_offsets.numel()} entries for {num_seq} sequences (need B+1)"
-            )
-        n_cand = candidate_offsets[1:] - candidate_offsets[:-1]  # (B,)
-    else:
-        n_cand = torch.zeros(num_seq, dtype=torch.int64)
-    tok_len = hist_len + n_cand
-    offsets = torch.zeros(num_seq + 1, dtype=torch.int64)
-    torch.cumsum(tok_len, 0, out=offsets[1:])
-    seq_of_event = torch.repeat_interleave(torch.arange(num_seq), ev_len)  # (E,)
-    pos_of_event = torch.arange(int(event_offsets[-1])) - event_offsets[seq_of_event]
-    has_next = pos_of_event < (ev_len[seq_of_event] - 1)
-    nonempty = ev_len > 0
-    last_event = event_offsets[1:][nonempty] - 1
-    item_token = offsets[seq_of_event] + per_event * pos_of_event
-    action_token = item_token + 1 if interleaved else None
-    query_token = action_token if interleaved else item_token
-    seq_of_cand = torch.repeat_interleave(torch.arange(num_seq), n_cand)
-    first_cand = offsets[:-1] + hist_len  # (B,)
-    cand_rank = torch.arange(int(n_cand.sum())) - (torch.cumsum(n_cand, 0) - n_cand)[seq_of_cand]
-    candidate_token = first_cand[seq_of_cand] + cand_rank
-    seq_of_token = torch.repeat_interleave(torch.arange(num_seq), tok_len)
-    positions = torch.arange(int(offsets[-1])) - offsets[seq_of_token]
-    positions = torch.minimum(positions, hist_len[seq_of_token])
-    permutation = inverse = None
-    groups: list[AttentionGroup] = []
-    if attention_groups > 1 and num_seq > 1:
-        pieces, start = [], 0
-        for members in length_groups(tok_len.numpy(), attention_groups):
-            members_t = torch.from_numpy(members)
-            g_len = tok_len[members_t]
-            g_off = torch.zeros(members.size + 1, dtype=torch.int64)
-            torch.cumsum(g_len, 0, out=g_off[1:])
-            count = int(g_off[-1])
-            # token ids of the group's sequences, each sequence's tokens contiguous
-            pieces.append(torch.repeat_interleave(offsets[members_t] - g_off[:-1], g_len) + torch.arange(count))
-            groups.append(
-                AttentionGroup(
-                    offsets=g_off.to(device),
-                    num_candidates=n_cand[members_t].to(device) if candidate_offsets is not None else None,
-                    max_len=int(g_len.max()),
-                    start=start,
-                    stop=start + count,
-                )
-            )
-            start += count
-        permutation = torch.cat(pieces)
-        inverse = torch.empty_like(permutation)
-        inverse[permutation] = torch.arange(permutation.numel())
-    to = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return TokenLayout(
-        offsets=to(offsets),
-        item_token=to(item_token),
-        has_next=to(has_next),
-        last_event=to(last_event),
-        nonempty=to(nonempty),
-        action_token=to(action_token),
-        query_token=to(query_token),
-        candidate_token=to(candidate_token),
-        positions=to(positions),
-        num_candidates=to(n_cand) if candidate_offsets is not None else None,
-        max_len=int(tok_len.max()) if num_seq else 0,
-        permutation=to(permutation),
-        inverse_permutation=to(inverse),
-        groups=tuple(groups),
-    )
+def bias_seconds(timestamps_ms: Tensor) -> Tensor:
+    """Event times in ms (the unit of every sequence outside the model) -> the whole seconds
+    the time bias buckets (`kernels.hstu_attention`). The one place the unit changes."""
+    return torch.div(timestamps_ms, 1000, rounding_mode="floor")
 
 
 # ----------------------------------------------------------------------------- layers
@@ -242,14 +87,18 @@ class HSTULayer(nn.Module):
         self.out = nn.Linear(num_heads * v_dim, dim)
         nn.init.xavier_uniform_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-        self.pos_bias = nn.Parameter(torch.empty(num_heads, num_pos_buckets).normal_(0.0, 0.02)) if num_pos_buckets else None
+        self.pos_bias = (
+            nn.Parameter(torch.empty(num_heads, num_pos_buckets).normal_(0.0, 0.02)) if num_pos_buckets else None
+        )
         self.time_bias = (
             nn.Parameter(torch.empty(num_heads, num_time_buckets).normal_(0.0, 0.02)) if num_time_buckets else None
         )
 
     def forward(
-        self, x: Tensor, *, layout: TokenLayout, timestamps: Tensor, query_timestamps: Tensor | None = None
+        self, x: Tensor, *, layout: TokenLayout, seconds: Tensor, query_seconds: Tensor | None = None
     ) -> Tensor:
+        """x [T, dim]; seconds [T]: each token's time (`bias_seconds`); query_seconds [T]: the
+        time each token's output is for (None: its own)."""
         num_tokens, dim = x.shape
         h, dqk, dv = self.num_heads, self.qk_dim, self.v_dim
         normed = F.layer_norm(x, (dim,), eps=self.eps)
@@ -258,23 +107,7 @@ class HSTULayer(nn.Module):
         q = q.reshape(num_tokens, h, dqk)
         k = k.reshape(num_tokens, h, dqk)
         v = v.reshape(num_tokens, h, dv)
-        if not layout.groups:
-            attn = self._attend(
-                q, k, v, timestamps, query_timestamps, layout.offsets, layout.max_len, layout.num_candidates
-            )
-        else:
-            perm = layout.permutation
-            qp, kp, vp, tp = q[perm], k[perm], v[perm], timestamps[perm]  # tokens grouped by length
-            tqp = query_timestamps[perm] if query_timestamps is not None else None
-            attn = torch.cat(
-                [
-                    self._attend(
-                        qp[g.start : g.stop], kp[g.start : g.stop], vp[g.start : g.stop], tp[g.start : g.stop],
-                        tqp[g.start : g.stop] if tqp is not None else None, g.offsets, g.max_len, g.num_candidates,
-                    )
-                    for g in layout.groups
-                ]
-            )[layout.inverse_permutation]  # (T, h, dv)
+        attn = self._attend(q, k, v, seconds, query_seconds, layout.offsets, layout.max_len, layout.num_candidates)
         attn = attn.reshape(num_tokens, h * dv)
         gated = u * F.layer_norm(attn, (h * dv,), eps=self.eps)
         return x + self.out(F.dropout(gated, p=self.dropout, training=self.training))
@@ -320,10 +153,10 @@ class HSTUEncoder(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(
-        self, x: Tensor, *, layout: TokenLayout, timestamps: Tensor, query_timestamps: Tensor | None = None
+        self, x: Tensor, *, layout: TokenLayout, seconds: Tensor, query_seconds: Tensor | None = None
     ) -> Tensor:
         for layer in self.layers:
-            x = layer(x, layout=layout, timestamps=timestamps, query_timestamps=query_timestamps)
+            x = layer(x, layout=layout, seconds=seconds, query_seconds=query_seconds)
         return x
 
 
@@ -355,7 +188,6 @@ class ModelConfig:
     action_input: bool = False  # items layout: add the event's action embedding to its item token
     scale_item_embeddings: bool = True  # multiply item embeddings by sqrt(dim) at the input
     normalize_by_length: bool = False
-    attention_groups: int = 1  # length-sorted attention calls per batch (cuts padding of padded impls)
     ffn_dim: int = 0  # SASRec only: width of the feed-forward block (0 = dim)
     attention_impl: str | None = None  # passed to kernels.hstu_attention (None: pick by device)
 
@@ -367,8 +199,6 @@ class ModelConfig:
             raise ValueError(
                 f"model.dropout ({self.dropout}) and model.input_dropout ({self.input_dropout}) must lie in [0, 1)"
             )
-        if self.attention_groups < 1:
-            raise ValueError(f"model.attention_groups ({self.attention_groups}) must be >= 1")
         if self.max_candidates < 0 or self.num_time_buckets < 0:
             raise ValueError(
                 f"model.max_candidates ({self.max_candidates}) and model.num_time_buckets "
@@ -436,11 +266,7 @@ class HSTUModel(nn.Module):
                 f"{self.config.max_seq_len + 1}: keep only the latest events"
             )
         layout = build_layout(
-            event_offsets,
-            interleaved=self.interleaved,
-            candidate_offsets=candidate_offsets,
-            attention_groups=self.config.attention_groups if self.config.encoder == "hstu" else 1,
-            device=self.device,
+            event_offsets, interleaved=self.interleaved, candidate_offsets=candidate_offsets, device=self.device
         )
         if layout.max_len > self.config.max_tokens:
             raise ModelInputError(
@@ -457,74 +283,76 @@ class HSTUModel(nn.Module):
         self,
         rows: Tensor,
         actions: Tensor,
-        timestamps: Tensor,
+        timestamps_ms: Tensor,
         layout: TokenLayout,
         *,
         candidate_rows: Tensor | None = None,
-        candidate_timestamps: Tensor | None = None,
-        request_timestamps: Tensor | None = None,
+        candidate_timestamps_ms: Tensor | None = None,
+        request_timestamps_ms: Tensor | None = None,
     ) -> Tensor:
-        """Per-token output embeddings [Ttok, dim] of events (rows/actions/timestamps: [E]).
+        """Per-token output embeddings [Ttok, dim] of events (rows/actions/timestamps_ms: [E], times in ms).
 
-        request_timestamps [B]: the time each user's recommendation is for, the query time of
+        request_timestamps_ms [B]: the time each user's recommendation is for, the query time of
         its last query token under `query_time="next"` (default: its last event's time).
         """
+        seconds = bias_seconds(timestamps_ms)  # (E,) the time bias's unit
         item = self.table(rows) * self.input_scale  # (E, D)
         if self.config.action_input:
             item = item + self.action_emb(actions)
         cands = candidate_rows is not None and candidate_rows.numel() > 0
         if not self.interleaved and not cands:
-            x, ts = item, timestamps  # tokens are the events themselves
+            x, ts = item, seconds  # tokens are the events themselves
         else:
             x = item.new_zeros(layout.num_tokens, item.shape[1])
-            ts = timestamps.new_zeros(layout.num_tokens)
+            ts = seconds.new_zeros(layout.num_tokens)
             x = x.index_put((layout.item_token,), item)
-            ts = ts.index_put((layout.item_token,), timestamps)
+            ts = ts.index_put((layout.item_token,), seconds)
             if self.interleaved:
                 x = x.index_put((layout.action_token,), self.action_emb(actions))
-                ts = ts.index_put((layout.action_token,), timestamps)
+                ts = ts.index_put((layout.action_token,), seconds)
             if cands:
                 x = x.index_put((layout.candidate_token,), self.table(candidate_rows) * self.input_scale)
-                ts = ts.index_put((layout.candidate_token,), candidate_timestamps)
+                ts = ts.index_put((layout.candidate_token,), bias_seconds(candidate_timestamps_ms))
         if self.pos_emb is not None:
             x = x + self.pos_emb(layout.positions)
         x = F.dropout(x, p=self.config.input_dropout, training=self.training)
         query_ts = None
         if self.config.query_time == "next" and self.config.encoder == "hstu" and self.config.num_time_buckets:
-            query_ts = self.query_times(timestamps, ts, layout, request_timestamps)
-        return self.encoder(x, layout=layout, timestamps=ts, query_timestamps=query_ts)
+            request = bias_seconds(request_timestamps_ms) if request_timestamps_ms is not None else None
+            query_ts = self.query_times(seconds, ts, layout, request)
+        return self.encoder(x, layout=layout, seconds=ts, query_seconds=query_ts)
 
     @staticmethod
     def query_times(
-        timestamps: Tensor, token_timestamps: Tensor, layout: TokenLayout, request_timestamps: Tensor | None = None
+        seconds: Tensor, token_seconds: Tensor, layout: TokenLayout, request_seconds: Tensor | None = None
     ) -> Tensor:
-        """Per-token query times [Ttok] for `query_time="next"`.
+        """Per-token query times [Ttok] (seconds) for `query_time="next"`.
 
         A query token (the one whose output retrieves the next event) takes the next event's
-        time; the last query token of a user takes `request_timestamps` [B] (or its own event's
+        time; the last query token of a user takes `request_seconds` [B] (or its own event's
         time); every other token (items of the interleaved layout, candidates) keeps its own.
         """
-        nxt = torch.cat([timestamps[1:], timestamps[-1:]])  # event e + 1 (the same sequence where has_next)
-        per_event = torch.where(layout.has_next, nxt, timestamps)  # (E,)
-        if request_timestamps is not None:
-            request = request_timestamps.to(per_event.device, per_event.dtype)[layout.nonempty]
+        nxt = torch.cat([seconds[1:], seconds[-1:]])  # event e + 1 (the same sequence where has_next)
+        per_event = torch.where(layout.has_next, nxt, seconds)  # (E,)
+        if request_seconds is not None:
+            request = request_seconds.to(per_event.device, per_event.dtype)[layout.nonempty]
             per_event = per_event.index_put((layout.last_event,), request)
-        return token_timestamps.index_put((layout.query_token,), per_event)
+        return token_seconds.index_put((layout.query_token,), per_event)
 
-    def forward(self, rows: Tensor, actions: Tensor, timestamps: Tensor, layout: TokenLayout) -> Tensor:
-        return self.encode(rows, actions, timestamps, layout)
+    def forward(self, rows: Tensor, actions: Tensor, timestamps_ms: Tensor, layout: TokenLayout) -> Tensor:
+        return self.encode(rows, actions, timestamps_ms, layout)
 
     # -------------------------------------------------------------------- scoring helpers
     def _prepare(
-        self, item_ids: Tensor, actions: Tensor, timestamps: Tensor, offsets: Tensor | None
+        self, item_ids: Tensor, actions: Tensor, timestamps_ms: Tensor, offsets: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if offsets is None:
             offsets = torch.tensor([0, item_ids.numel()], dtype=torch.int64)
         offsets = offsets.to("cpu", torch.int64)
-        if not (item_ids.shape == actions.shape == timestamps.shape) or item_ids.dim() != 1:
+        if not (item_ids.shape == actions.shape == timestamps_ms.shape) or item_ids.dim() != 1:
             raise ModelInputError(
-                f"item_ids {tuple(item_ids.shape)}, actions {tuple(actions.shape)} and timestamps "
-                f"{tuple(timestamps.shape)} must be 1-D and of equal length"
+                f"item_ids {tuple(item_ids.shape)}, actions {tuple(actions.shape)} and timestamps_ms "
+                f"{tuple(timestamps_ms.shape)} must be 1-D and of equal length"
             )
         if int(offsets[-1]) != item_ids.numel() or bool(((offsets[1:] - offsets[:-1]) < 1).any()):
             raise ModelInputError(
@@ -532,20 +360,25 @@ class HSTUModel(nn.Module):
                 "every user at least one event"
             )
         rows = self.table.lookup(item_ids).to(self.device)
-        return rows, actions.to(self.device), timestamps.to(self.device), offsets
+        return rows, actions.to(self.device), timestamps_ms.to(self.device), offsets
 
     def user_embeddings(
-        self, rows: Tensor, actions: Tensor, timestamps: Tensor, offsets: Tensor, request_timestamps: Tensor | None = None
+        self,
+        rows: Tensor,
+        actions: Tensor,
+        timestamps_ms: Tensor,
+        offsets: Tensor,
+        request_timestamps_ms: Tensor | None = None,
     ) -> Tensor:
         """The retrieval query of each user (after its last event), L2-normalised: [B, dim].
 
-        request_timestamps [B]: when each recommendation is for (see `encode`). Under
+        request_timestamps_ms [B]: when each recommendation is for (see `encode`). Under
         `query_time="next"` a caller that knows it (serving: the request's time; evaluation: the
         held-out event's) should pass it: the default, the last event's own time, is a query time
         training never gives a retrieving token.
         """
         layout = self.layout(offsets)
-        out = self.encode(rows, actions, timestamps, layout, request_timestamps=request_timestamps)
+        out = self.encode(rows, actions, timestamps_ms, layout, request_timestamps_ms=request_timestamps_ms)
         last = layout.query_token[offsets[1:].to(layout.query_token.device) - 1]
         return F.normalize(out[last], dim=-1)
 
@@ -555,10 +388,15 @@ class HSTUModel(nn.Module):
         return F.normalize(weight, dim=-1)
 
     def retrieval_scores(
-        self, rows: Tensor, actions: Tensor, timestamps: Tensor, offsets: Tensor, request_timestamps: Tensor | None = None
+        self,
+        rows: Tensor,
+        actions: Tensor,
+        timestamps_ms: Tensor,
+        offsets: Tensor,
+        request_timestamps_ms: Tensor | None = None,
     ) -> Tensor:
         """Cosine scores [B, num_rows] of every table row; padding, OOV and free rows get -inf."""
-        user = self.user_embeddings(rows, actions, timestamps, offsets, request_timestamps)
+        user = self.user_embeddings(rows, actions, timestamps_ms, offsets, request_timestamps_ms)
         scores = user @ self.item_embeddings().T
         return scores.masked_fill(~self.table.live_mask().to(scores.device), -math.inf)
 
@@ -568,23 +406,23 @@ class HSTUModel(nn.Module):
         *,
         item_ids: Tensor,
         actions: Tensor,
-        timestamps: Tensor,
+        timestamps_ms: Tensor,
         k: int,
         offsets: Tensor | None = None,
         exclude_seen: bool = True,
-        request_timestamps: Tensor | None = None,
+        request_timestamps_ms: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Top-k raw item ids [B, k] (and their scores) over all live rows, for jagged histories.
 
-        request_timestamps [B] (seconds): when the recommendations are for; default each
+        request_timestamps_ms [B] (ms): when the recommendations are for; default each
         user's last event (matters under `query_time="next"`).
         """
-        rows, acts, ts, offsets = self._prepare(item_ids, actions, timestamps, offsets)
-        if request_timestamps is not None and request_timestamps.numel() != offsets.numel() - 1:
+        rows, acts, ts, offsets = self._prepare(item_ids, actions, timestamps_ms, offsets)
+        if request_timestamps_ms is not None and request_timestamps_ms.numel() != offsets.numel() - 1:
             raise ModelInputError(
-                f"request_timestamps has {request_timestamps.numel()} entries for {offsets.numel() - 1} users"
+                f"request_timestamps_ms has {request_timestamps_ms.numel()} entries for {offsets.numel() - 1} users"
             )
-        scores = self.retrieval_scores(rows, acts, ts, offsets, request_timestamps)
+        scores = self.retrieval_scores(rows, acts, ts, offsets, request_timestamps_ms)
         if exclude_seen:
             lengths = offsets[1:] - offsets[:-1]
             users = torch.repeat_interleave(torch.arange(lengths.numel()), lengths).to(scores.device)
@@ -599,21 +437,21 @@ class HSTUModel(nn.Module):
         *,
         item_ids: Tensor,
         actions: Tensor,
-        timestamps: Tensor,
+        timestamps_ms: Tensor,
         candidate_ids: Tensor,
         offsets: Tensor | None = None,
         candidate_offsets: Tensor | None = None,
-        candidate_timestamps: Tensor | None = None,
-        request_timestamps: Tensor | None = None,
+        candidate_timestamps_ms: Tensor | None = None,
+        request_timestamps_ms: Tensor | None = None,
     ) -> Tensor:
         """Action logits [C, num_actions] of every candidate, all of a user's candidates in one pass.
 
         Without offsets the inputs are one user's history and candidates. Candidates default to
-        the time of the user's last event. request_timestamps [B] (the query time of each user's
+        the time of the user's last event. request_timestamps_ms [B] (the query time of each user's
         last history token under `query_time="next"`) default to the time of the user's first
         candidate: in training that token's query time is the next item's time.
         """
-        rows, acts, ts, offsets = self._prepare(item_ids, actions, timestamps, offsets)
+        rows, acts, ts, offsets = self._prepare(item_ids, actions, timestamps_ms, offsets)
         if candidate_offsets is None:
             if offsets.numel() != 2:
                 raise ModelInputError("candidate_offsets is required when ranking for more than one user")
@@ -621,16 +459,21 @@ class HSTUModel(nn.Module):
         candidate_offsets = candidate_offsets.to("cpu", torch.int64)
         layout = self.layout(offsets, candidate_offsets)
         last_ts = ts[offsets[1:].to(ts.device) - 1]  # (B,)
-        if candidate_timestamps is None:
-            candidate_timestamps = torch.repeat_interleave(last_ts, layout.num_candidates)
-        candidate_timestamps = candidate_timestamps.to(self.device)
-        if request_timestamps is None and candidate_timestamps.numel() > 0:
-            first = candidate_offsets[:-1].clamp(max=candidate_timestamps.numel() - 1).to(self.device)
-            request_timestamps = torch.where(layout.num_candidates > 0, candidate_timestamps[first], last_ts)
+        if candidate_timestamps_ms is None:
+            candidate_timestamps_ms = torch.repeat_interleave(last_ts, layout.num_candidates)
+        candidate_timestamps_ms = candidate_timestamps_ms.to(self.device)
+        if request_timestamps_ms is None and candidate_timestamps_ms.numel() > 0:
+            first = candidate_offsets[:-1].clamp(max=candidate_timestamps_ms.numel() - 1).to(self.device)
+            request_timestamps_ms = torch.where(layout.num_candidates > 0, candidate_timestamps_ms[first], last_ts)
         cand_rows = self.table.lookup(candidate_ids).to(self.device)
         out = self.encode(
-            rows, acts, ts, layout, candidate_rows=cand_rows, candidate_timestamps=candidate_timestamps,
-            request_timestamps=request_timestamps,
+            rows,
+            acts,
+            ts,
+            layout,
+            candidate_rows=cand_rows,
+            candidate_timestamps_ms=candidate_timestamps_ms,
+            request_timestamps_ms=request_timestamps_ms,
         )
         assert self.action_head is not None  # layout() rejected candidates in the items layout
         return self.action_head(out[layout.candidate_token])
@@ -643,8 +486,6 @@ def build_model(
     if table is None:
         table = DynamicEmbeddingTable(config=TableConfig(capacity=capacity, dim=config.dim))
     if config.encoder == "sasrec":
-        from trainer.sasrec import SASRecEncoder
-
         encoder: nn.Module = SASRecEncoder(
             dim=config.dim,
             num_layers=config.num_layers,
@@ -672,4 +513,3 @@ def build_model(
             ]
         )
     return HSTUModel(config=config, table=table, encoder=encoder)
-

@@ -34,15 +34,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from infra.datasets.movielens import load_ratings
+from config.loader import to_dict
+from features.movielens import load_ratings
 from trainer.batching import iterate_batches
 from trainer.checkpoint import load_into, save_checkpoint
-from trainer.config import to_dict
 from trainer.embedding_table import DynamicEmbeddingTable, TableConfig
 from trainer.evaluate import evaluate_retrieval, metrics_from_ranks, retrieval_ranks
-from trainer.losses import GenerativeLoss, LossConfig, target_index
+from trainer.losses import GenerativeLoss, LossConfig
 from trainer.model import HSTUModel, ModelConfig, build_model
+from trainer.registry import Registry
 from trainer.splits import EvalSet, LeaveOneOutSplit, leave_one_out, sequences_from_frame
+from trainer.step import train_step
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,7 +141,6 @@ def train_epoch(
     bar: tqdm | None = None,
 ) -> dict[str, float]:
     """One pass over the training users; returns mean loss, seconds and tokens/s."""
-    model.train()
     device = model.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     losses: list[torch.Tensor] = []
@@ -156,17 +157,9 @@ def train_epoch(
         stochastic_length_alpha=config.train.stochastic_length_alpha,
         min_length=2,
     ):
-        rows = model.table.lookup(batch.item_ids).to(device)  # raw ids -> rows on the host
-        actions = batch.actions.to(device)
-        layout = model.layout(batch.offsets)
-        targets = target_index(batch.offsets, batch.num_new)
-        out = model.encode(rows, actions, batch.timestamps.to(device), layout)
-        parts = loss_fn(out, layout=layout, rows=rows, actions=actions, targets=targets, action_head=model.action_head)
-        optimizer.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        optimizer.step()
-        losses.append(parts["loss"].detach())
-        tokens += layout.num_tokens
+        result = train_step(model, batch, optimizer=optimizer, loss_fn=loss_fn)
+        losses.append(result.loss)
+        tokens += result.tokens
         steps += 1
         if bar is not None:
             bar.update(1)
@@ -188,7 +181,7 @@ def diagnostic_test_ranks(model: HSTUModel, split: LeaveOneOutSplit, config: Off
         history=split.valid.history,
         targets=split.test.targets,
         target_actions=split.test.target_actions,
-        target_timestamps=split.test.target_timestamps,
+        target_timestamps_ms=split.test.target_timestamps_ms,
     )
     return {
         "test": retrieval_ranks(model, split.test, **kwargs),
@@ -203,8 +196,12 @@ def run_offline(
     data_dir: Path | None = None,
     progress: bool = True,
     split: LeaveOneOutSplit | None = None,
+    publish: Path | None = None,
 ) -> dict[str, Any]:
-    """Train and evaluate with the paper's protocol; writes metrics.json, curves.png, checkpoints."""
+    """Train and evaluate with the paper's protocol; writes metrics.json, curves.png, checkpoints.
+
+    publish: a model registry folder (trainer/registry.py); the model of the epoch chosen on
+    validation is published there as a new version, with its test metrics."""
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.train.num_threads)
     torch.manual_seed(config.train.seed)
@@ -220,7 +217,7 @@ def run_offline(
     rng = np.random.default_rng(config.train.seed)
     steps_per_epoch = math.ceil(int((split.train.lengths >= 2).sum()) / config.train.batch_size)
     log(
-        f"[{config.name}] {config.data.dataset}: {split.train.num_users} users, {len(model.table)} items, "
+        f"[{config.name}] {config.data.dataset}: {len(split.train)} users, {len(model.table)} items, "
         f"{int(split.train.lengths.sum())} training events, {steps_per_epoch} steps/epoch, device {device}, "
         f"{config.train.num_threads} threads, {sum(p.numel() for p in model.parameters())} parameters"
     )
@@ -231,7 +228,11 @@ def run_offline(
     diagnostic_ranks: dict[str, list[Any]] = {"epoch": [], "valid": [], "test": [], "test_without_valid": []}
     (out_dir / "diagnostic_ranks.npz").unlink(missing_ok=True)  # never leave an earlier run's beside this one
     bar = tqdm(
-        total=config.train.epochs * steps_per_epoch, desc=config.name, unit="step", file=sys.stderr, disable=not progress
+        total=config.train.epochs * steps_per_epoch,
+        desc=config.name,
+        unit="step",
+        file=sys.stderr,
+        disable=not progress,
     )
     for epoch in range(1, config.train.epochs + 1):
         stats = train_epoch(model, split, optimizer=optimizer, loss_fn=loss_fn, config=config, rng=rng, bar=bar)
@@ -262,7 +263,9 @@ def run_offline(
                 for name, ranks_now in diagnostic_test_ranks(model, split, config).items():
                     diagnostic_ranks[name].append(ranks_now)
                     record[f"diagnostic_{name}"] = metrics_from_ranks(ranks_now)
-                np.savez_compressed(out_dir / "diagnostic_ranks.npz", **{k: np.asarray(v) for k, v in diagnostic_ranks.items()})
+                np.savez_compressed(
+                    out_dir / "diagnostic_ranks.npz", **{k: np.asarray(v) for k, v in diagnostic_ranks.items()}
+                )
             bar.set_postfix(loss=f"{stats['loss']:.3f}", ndcg10=f"{valid['ndcg@10']:.4f}")
         history.append(record)
         # Progress on disk after every epoch, so an interrupted run still leaves its curves.
@@ -291,6 +294,13 @@ def run_offline(
         ),
     }
     test = metrics_from_ranks(ranks["test"])
+    if publish is not None:
+        manifest = Registry(publish).publish(
+            model,
+            metrics={"test": test, "best_valid": best["valid"], "best_epoch": best["epoch"]},
+            info={"trainer": "offline", "name": config.name, "dataset": config.data.dataset},
+        )
+        log(f"[{config.name}] published version {manifest.version} to {publish}")
     if not config.train.save_checkpoints:
         best_path.unlink(missing_ok=True)
     train_seconds = [h["seconds"] for h in history]
@@ -343,4 +353,3 @@ def plot_curves(history: list[dict[str, Any]], path: Path, *, title: str) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.model import ModelInputError, TokenLayout
+from trainer.layout import ModelInputError, TokenLayout
 
 
 class SASRecLayer(nn.Module):
@@ -62,9 +62,9 @@ class SASRecEncoder(nn.Module):
         self.final_norm = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(
-        self, x: Tensor, *, layout: TokenLayout, timestamps: Tensor, query_timestamps: Tensor | None = None
+        self, x: Tensor, *, layout: TokenLayout, seconds: Tensor, query_seconds: Tensor | None = None
     ) -> Tensor:
-        del timestamps, query_timestamps  # SASRec has no time signal
+        del seconds, query_seconds  # SASRec has no time signal
         if layout.num_candidates is not None:
             raise ModelInputError("SASRec has no candidate tokens: rank with the HSTU encoder")
         num_seq = layout.offsets.numel() - 1

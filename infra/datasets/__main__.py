@@ -18,12 +18,13 @@ import numpy as np
 
 
 def main(argv: list[str] | None = None) -> int:
-    from infra.datasets.movielens import DATASETS, DatasetError, movielens_events
+    from features.movielens import DATASETS, DatasetError, movielens_events
     from infra.datasets.synthetic import SyntheticConfig, SyntheticConfigError, generate_events
     from streaming.recorded_log import RecordedLogError, events_to_log, write_log
 
-    parser = argparse.ArgumentParser(prog="python -m infra.datasets", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m infra.datasets", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, help="the log file to write (.parquet)")
@@ -45,8 +46,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "movielens":
             events = movielens_events(args.dataset)
         else:
-            cfg = SyntheticConfig(num_users=args.users, num_items=args.items, num_events=args.events,
-                                  num_days=args.days, seed=args.seed, sparse_ids=args.sparse_ids)
+            cfg = SyntheticConfig(
+                num_users=args.users,
+                num_items=args.items,
+                num_events=args.events,
+                num_days=args.days,
+                seed=args.seed,
+                sparse_ids=args.sparse_ids,
+            )
             events = generate_events(cfg)
         print(f"{len(events):,} events made in {time.monotonic() - t0:.1f} s; writing {args.out}", file=sys.stderr)
         table = events_to_log(events, topic=args.topic, num_partitions=args.partitions)

@@ -228,7 +228,9 @@ def generate(cfg: SyntheticConfig) -> SyntheticStream:
     num_segments = int(math.ceil(span_ms / drift_ms)) + 2
     steps = rng.choice(np.array([-2, -1, 0, 1, 2]), size=(num_users, num_segments - 1), p=[0.15, 0.3, 0.1, 0.3, 0.15])
     start_topic = rng.choice(num_topics, size=num_users, p=topic_sizes / topic_sizes.sum())
-    drift_topic = (start_topic[:, None] + np.concatenate([np.zeros((num_users, 1), np.int64), np.cumsum(steps, axis=1)], axis=1)) % num_topics
+    drift_topic = (
+        start_topic[:, None] + np.concatenate([np.zeros((num_users, 1), np.int64), np.cumsum(steps, axis=1)], axis=1)
+    ) % num_topics
     phase = rng.random(num_users) * drift_ms
 
     # --- events -----------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from infra.paths import REPO_ROOT, state_dir
+from config.paths import REPO_ROOT, state_dir
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,9 @@ def classpath() -> str:
 
 
 def _java() -> str:
-    java = shutil.which("java", path=os.path.join(os.environ.get("JAVA_HOME", ""), "bin") + os.pathsep + os.environ.get("PATH", ""))
+    java = shutil.which(
+        "java", path=os.path.join(os.environ.get("JAVA_HOME", ""), "bin") + os.pathsep + os.environ.get("PATH", "")
+    )
     if java is None:
         raise BrokerError("java is not on PATH: install OpenJDK 17 (apt-get install openjdk-17-jre-headless)")
     return java
@@ -232,22 +234,38 @@ def start(config: BrokerConfig = BrokerConfig()) -> BrokerInfo:
     props = root / "server.properties"
     props.write_text(_server_properties(port=port, controller_port=controller_port, data_dir=data_dir))
     cluster_id = _cluster_id()
-    jvm = [java, f"-Xmx{config.heap_mb}m", f"-Xms{min(config.heap_mb, 256)}m", "-XX:+UseG1GC",
-           "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
-           f"-Dkafka.logs.dir={root}", "-cp", cp]
+    jvm = [
+        java,
+        f"-Xmx{config.heap_mb}m",
+        f"-Xms{min(config.heap_mb, 256)}m",
+        "-XX:+UseG1GC",
+        "-Djava.awt.headless=true",
+        f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+        f"-Dkafka.logs.dir={root}",
+        "-cp",
+        cp,
+    ]
     fmt = subprocess.run(
         jvm + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     if fmt.returncode != 0:
         raise BrokerError(f"formatting KRaft storage failed:\n{fmt.stdout[-2000:]}\n{fmt.stderr[-2000:]}")
 
     t0 = time.monotonic()
     with open(root / "stdout.log", "ab") as out:
-        proc = subprocess.Popen(jvm + ["kafka.Kafka", str(props)], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=root)
-    info = BrokerInfo(pid=proc.pid, port=port, controller_port=controller_port, cluster_id=cluster_id,
-                      started_at=time.time())
+        proc = subprocess.Popen(
+            jvm + ["kafka.Kafka", str(props)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=root,
+        )
+    info = BrokerInfo(
+        pid=proc.pid, port=port, controller_port=controller_port, cluster_id=cluster_id, started_at=time.time()
+    )
     _info_path().write_text(json.dumps(asdict(info)))
     try:
         _wait_ready(info, proc, config.start_timeout_s)
@@ -266,7 +284,9 @@ def _wait_ready(info: BrokerInfo, proc: subprocess.Popen, timeout_s: float) -> N
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            tail = (_dir() / "server.log").read_text(errors="replace")[-3000:] if (_dir() / "server.log").exists() else ""
+            tail = (
+                (_dir() / "server.log").read_text(errors="replace")[-3000:] if (_dir() / "server.log").exists() else ""
+            )
             raise BrokerError(f"the broker exited with code {proc.returncode} while starting:\n{tail}")
         if _port_open(info.port):
             try:
@@ -279,7 +299,10 @@ def _wait_ready(info: BrokerInfo, proc: subprocess.Popen, timeout_s: float) -> N
             except KafkaError:
                 pass
         time.sleep(0.25)
-    raise BrokerError(f"the broker did not accept connections on {info.bootstrap} within {timeout_s:.0f} s; see {_dir() / 'server.log'}")
+    raise BrokerError(
+        f"the broker did not accept connections on {info.bootstrap} within {timeout_s:.0f} s; "
+        f"see {_dir() / 'server.log'}"
+    )
 
 
 def ensure_topics(bootstrap: str, topics: tuple[TopicSpec, ...]) -> None:
@@ -291,9 +314,14 @@ def ensure_topics(bootstrap: str, topics: tuple[TopicSpec, ...]) -> None:
     try:
         present = set(admin.list_topics())
         new = [
-            NewTopic(name=t.name, num_partitions=t.partitions, replication_factor=1,
-                     topic_configs={"retention.ms": str(t.retention_ms)})
-            for t in topics if t.name not in present
+            NewTopic(
+                name=t.name,
+                num_partitions=t.partitions,
+                replication_factor=1,
+                topic_configs={"retention.ms": str(t.retention_ms)},
+            )
+            for t in topics
+            if t.name not in present
         ]
         if new:
             admin.create_topics(new, timeout_ms=15000)
@@ -302,9 +330,11 @@ def ensure_topics(bootstrap: str, topics: tuple[TopicSpec, ...]) -> None:
         wanted = {t.name: t.partitions for t in topics}
         while time.monotonic() < deadline:
             meta = {m["name"]: m for m in admin.describe_topics(list(wanted))}
-            if all(len(meta.get(n, {}).get("partitions", [])) >= p
-                   and all(pp["leader_id"] >= 0 for pp in meta[n]["partitions"])
-                   for n, p in wanted.items()):
+            if all(
+                len(meta.get(n, {}).get("partitions", [])) >= p
+                and all(pp["leader_id"] >= 0 for pp in meta[n]["partitions"])
+                for n, p in wanted.items()
+            ):
                 return
             time.sleep(0.2)
         raise BrokerError(f"topics {sorted(wanted)} did not get partition leaders within 30 s")

@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+import torch
 
+from benchmarks import drift as drift_module
+from benchmarks.drift import malloc_stats, second_half_slope
 from infra.datasets.synthetic import SyntheticConfig
-from trainer.memory import malloc_stats, second_half_slope
 
-DRIFT = Path(__file__).resolve().parents[2] / "benchmarks" / "drift.py"
 MB = 1_000_000
 
 
 @pytest.fixture(scope="module")
 def drift():
-    """benchmarks/drift.py as a module (benchmarks/ holds scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("benchmarks_drift", DRIFT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    return drift_module
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +24,17 @@ def tiny_run(drift) -> dict:
         num_users=80, num_items=300, num_events=200 * days, num_days=days, item_lifetime_days=3.0, seed=0
     )
     run = drift.DriftRun(
-        name="bounded", capacity=60, eviction="lru", stream=stream, max_seq_len=20, dim=16, lr=2e-3,
-        batch_size=32, eval_per_day=50, seed=0, threads=1,
+        name="bounded",
+        capacity=60,
+        eviction="lru",
+        stream=stream,
+        max_seq_len=20,
+        dim=16,
+        lr=2e-3,
+        batch_size=32,
+        eval_per_day=50,
+        seed=0,
+        threads=1,
     )
     return drift.run_variant(run)
 
@@ -63,3 +61,19 @@ def test_bytes_in_use_stay_flat_after_warm_up(tiny_run: dict) -> None:
     in_use = [d["malloc_in_use"] for d in tiny_run["per_day"]]
     slope = second_half_slope(in_use) / MB
     assert slope < 0.1, f"malloc in-use grows {slope:.3f} MB/day over days 7-12: {[round(v / MB, 2) for v in in_use]}"
+
+
+def test_second_half_slope_ignores_warm_up() -> None:
+    warm_then_flat = [100.0, 150.0, 180.0, 200.0, 200.0, 200.0, 200.0, 200.0]
+    assert second_half_slope(warm_then_flat) == 0.0
+    assert second_half_slope([0.0, 0.0, 0.0, 10.0, 12.5, 15.0]) == pytest.approx(2.5)
+    assert second_half_slope([3.0]) == 0.0 and second_half_slope([]) == 0.0
+
+
+@pytest.mark.skipif(malloc_stats() is None, reason="needs glibc >= 2.33 (mallinfo2)")
+def test_malloc_stats_count_live_bytes() -> None:
+    before = malloc_stats().in_use
+    block = torch.ones(8 * MB // 4)  # 8 MB of float32, touched
+    assert malloc_stats().in_use - before >= 8 * MB
+    del block
+    assert malloc_stats().in_use - before < 1 * MB

@@ -7,11 +7,10 @@ from __future__ import annotations
 import socket
 import threading
 
-import redis
 import pytest
+import redis
 
 from features.redis_pipe import RedisBusyError, RedisPipe, RedisReplyError, resp_bulk, resp_command
-from tests.features.test_sequences import redis_address  # noqa: F401  (fixture)
 
 
 def _pipe(address: str) -> RedisPipe:
@@ -41,8 +40,11 @@ def test_many_pipelined_replies_come_back_in_order(redis_address):
 
 def test_an_error_reply_is_raised_after_every_reply_is_read(redis_address):
     pipe = _pipe(redis_address)
-    payload = (resp_command([b"SET", b"s", b"x"]) + resp_command([b"HSET", b"s", b"f", b"v"])  # WRONGTYPE
-               + resp_command([b"SET", b"after", b"y"]))
+    payload = (
+        resp_command([b"SET", b"s", b"x"])
+        + resp_command([b"HSET", b"s", b"f", b"v"])  # WRONGTYPE
+        + resp_command([b"SET", b"after", b"y"])
+    )
     with pytest.raises(RedisReplyError, match="1 of 3 commands failed.*WRONGTYPE"):
         pipe.round_trip(payload, 3)
     # The commands around the error ran, and the connection is still in step.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from features.sequence_batch import SequenceBatch, concat_batches, take_users
 from features.sequence_cache import SequenceCache
-from features.sequences import SequenceBatch, concat_batches, take_users
 
 
 def batch_of(store: dict[int, tuple[list[int], int]], users) -> SequenceBatch:
@@ -14,10 +14,13 @@ def batch_of(store: dict[int, tuple[list[int], int]], users) -> SequenceBatch:
     users = [int(u) for u in users]
     items = [store.get(u, ([], -1))[0] for u in users]
     return SequenceBatch.from_sequences(
-        user_ids=np.asarray(users, dtype=np.int64), item_ids=items, actions=[[1] * len(s) for s in items],
-        timestamps=[[7 * x for x in s] for s in items],
+        user_ids=np.asarray(users, dtype=np.int64),
+        item_ids=items,
+        actions=[[1] * len(s) for s in items],
+        timestamps_ms=[[7 * x for x in s] for s in items],
         last_partition=[0 if store.get(u, ([], -1))[1] >= 0 else -1 for u in users],
-        last_offset=[store.get(u, ([], -1))[1] for u in users])
+        last_offset=[store.get(u, ([], -1))[1] for u in users],
+    )
 
 
 class CountingReader:
@@ -70,9 +73,9 @@ def test_put_replaces_the_older_entry():
 def test_the_bound_drops_the_users_touched_least_recently():
     cache = SequenceCache(max_events=6)
     cache.put(batch_of({1: ([1, 1], 0), 2: ([2, 2], 1)}, [1, 2]))  # tick 1: 4 events
-    cache.put(batch_of({3: ([3, 3], 2)}, [3]))                     # tick 2: 6 events, at the bound
+    cache.put(batch_of({3: ([3, 3], 2)}, [3]))  # tick 2: 6 events, at the bound
     assert cache.events == 6
-    cache.put(batch_of({4: ([4, 4, 4], 3)}, [4]))                  # tick 3: 9 > 6, users 1 and 2 go
+    cache.put(batch_of({4: ([4, 4, 4], 3)}, [4]))  # tick 3: 9 > 6, users 1 and 2 go
     assert cache.events == 5  # down to 90% of the bound: one eviction serves several puts
     assert sorted(cache.user_ids.tolist()) == [3, 4]
     # A user longer than the bound is not kept at all.

@@ -3,21 +3,16 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
+from feast import PushSource
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import features.sequences as sequences
-from feast import PushSource
-
 from features.definitions import (
     FEATURES,
     OFFLINE_PATH,
@@ -25,16 +20,9 @@ from features.definitions import (
     USER_SEQUENCE,
     USER_SEQUENCE_PUSH,
 )
-from features.sequences import (
-    FEATURES_DIR,
-    SequenceBatch,
-    SequenceBatchError,
-    SequenceStore,
-    SequenceStoreConfig,
-    SequenceStoreError,
-    measure_batch_io,
-    synthetic_batch,
-)
+from features.online_rows import SequenceStoreError
+from features.sequence_batch import SequenceBatch, SequenceBatchError
+from features.sequences import FEATURES_DIR, SequenceStore, SequenceStoreConfig
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -49,7 +37,7 @@ def batch_of(rows: list[tuple[int, list[int], int, int]]) -> SequenceBatch:
         user_ids=[r[0] for r in rows],
         item_ids=[r[1] for r in rows],
         actions=[[(item % 5) for item in r[1]] for r in rows],
-        timestamps=[[1_700_000_000_000 + 1000 * k for k in range(len(r[1]))] for r in rows],
+        timestamps_ms=[[1_700_000_000_000 + 1000 * k for k in range(len(r[1]))] for r in rows],
         last_partition=[r[2] for r in rows],
         last_offset=[r[3] for r in rows],
     )
@@ -57,8 +45,10 @@ def batch_of(rows: list[tuple[int, list[int], int, int]]) -> SequenceBatch:
 
 def as_lists(batch: SequenceBatch) -> list[tuple]:
     """Python ints all the way, so the comparison cannot go through floats."""
-    return [(s.user_id, s.item_ids.tolist(), s.actions.tolist(), s.timestamps.tolist(),
-             s.last_partition, s.last_offset) for s in batch]
+    return [
+        (s.user_id, s.item_ids.tolist(), s.actions.tolist(), s.timestamps_ms.tolist(), s.last_partition, s.last_offset)
+        for s in batch
+    ]
 
 
 def test_round_trip_is_exact_for_ids_above_2_53(tmp_path):
@@ -69,7 +59,7 @@ def test_round_trip_is_exact_for_ids_above_2_53(tmp_path):
         user_ids=[2**53 + 1, INT64_MAX],
         item_ids=[big, big[::-1]],
         actions=[[0, 1, 2, 3, 4], [4, 3, 2, 1, 0]],
-        timestamps=[[2**53 + 7 + k for k in range(5)], [INT64_MAX - k for k in range(5)]],
+        timestamps_ms=[[2**53 + 7 + k for k in range(5)], [INT64_MAX - k for k in range(5)]],
         last_partition=[3, 2**31 + 1],
         last_offset=[2**53 + 5, INT64_MAX],
     )
@@ -84,7 +74,9 @@ def test_round_trip_is_exact_for_ids_above_2_53(tmp_path):
 def test_missing_users_come_back_empty_with_watermark_minus_one(tmp_path):
     store = make_store(tmp_path)
     assert as_lists(store.read_many(np.array([5, 6], dtype=np.int64))) == [
-        (5, [], [], [], -1, -1), (6, [], [], [], -1, -1)]  # nothing written yet
+        (5, [], [], [], -1, -1),
+        (6, [], [], [], -1, -1),
+    ]  # nothing written yet
     store.write_many(batch_of([(1, [10, 11], 0, 7), (3, [30], 1, 9)]))
     read = store.read_many(np.array([3, 2**60, 1, 2], dtype=np.int64))
     assert read.user_ids.tolist() == [3, 2**60, 1, 2]
@@ -125,7 +117,7 @@ def test_many_users_in_one_call(tmp_path, monkeypatch):
         user_ids=user_ids,
         item_ids=[rng.integers(INT64_MIN, INT64_MAX, size=n, dtype=np.int64) for n in lengths],
         actions=[rng.integers(0, 5, size=n) for n in lengths],
-        timestamps=[np.sort(rng.integers(0, 2**45, size=n)) for n in lengths],
+        timestamps_ms=[np.sort(rng.integers(0, 2**45, size=n)) for n in lengths],
         last_partition=rng.integers(0, 16, size=num_users),
         last_offset=rng.integers(0, 2**50, size=num_users),
     )
@@ -149,11 +141,19 @@ def shared_store(tmp_path_factory) -> SequenceStore:
 
 
 @settings(max_examples=25, deadline=None)
-@given(data=st.lists(
-    st.tuples(st.integers(INT64_MIN, INT64_MAX),
-              st.lists(st.integers(INT64_MIN, INT64_MAX), max_size=6),
-              st.integers(-1, 2**31), st.integers(-1, INT64_MAX)),
-    min_size=1, max_size=8, unique_by=lambda row: row[0]))
+@given(
+    data=st.lists(
+        st.tuples(
+            st.integers(INT64_MIN, INT64_MAX),
+            st.lists(st.integers(INT64_MIN, INT64_MAX), max_size=6),
+            st.integers(-1, 2**31),
+            st.integers(-1, INT64_MAX),
+        ),
+        min_size=1,
+        max_size=8,
+        unique_by=lambda row: row[0],
+    )
+)
 def test_any_int64_values_round_trip(shared_store, data):
     written = batch_of(data)
     shared_store.write_many(written)
@@ -167,8 +167,7 @@ def test_repository_applies_on_first_use_in_the_state_folder_only(tmp_path, monk
     assert store.repo_dir == tmp_path / "state" / "feast" / "sqlite"
     assert not store.repo_dir.exists()  # nothing happens until first use
     store.write_many(batch_of([(1, [5, 6], 0, 1)]))
-    assert {"feature_store.yaml", "registry.db", "online.db"} <= {
-        p.name for p in store.repo_dir.iterdir()}
+    assert {"feature_store.yaml", "registry.db", "online.db"} <= {p.name for p in store.repo_dir.iterdir()}
     view = store.feature_store.get_feature_view(USER_SEQUENCE)
     assert [f.name for f in view.features] == list(FEATURES)
     assert view.join_keys == [USER_ID]
@@ -177,8 +176,7 @@ def test_repository_applies_on_first_use_in_the_state_folder_only(tmp_path, monk
     assert sorted(p.name for p in FEATURES_DIR.iterdir()) == source_files
     # A second store (another process, in real use) applies again and sees the same rows.
     again = SequenceStore(SequenceStoreConfig(max_len=4))
-    assert as_lists(again.read_many(np.array([1], dtype=np.int64))) == as_lists(
-        batch_of([(1, [5, 6], 0, 1)]))
+    assert as_lists(again.read_many(np.array([1], dtype=np.int64))) == as_lists(batch_of([(1, [5, 6], 0, 1)]))
     # The rendered copy is a valid Feast config on its own (what the Feast CLI would load).
     from feast.repo_config import load_repo_config
 
@@ -189,34 +187,17 @@ def test_repository_applies_on_first_use_in_the_state_folder_only(tmp_path, monk
 def test_push_source_and_get_online_features_see_the_same_rows(tmp_path):
     store = make_store(tmp_path)
     pushed = batch_of([(2**60 + 1, [2**53 + 1, 4], 1, 5), (7, [], 0, 6)])
-    store.feature_store.push(USER_SEQUENCE_PUSH,
-                             pushed.to_pandas(event_timestamp=datetime.now(timezone.utc)))
+    store.feature_store.push(USER_SEQUENCE_PUSH, pushed.to_pandas(event_timestamp=datetime.now(UTC)))
     assert as_lists(store.read_many(pushed.user_ids)) == as_lists(pushed)
     store.write_many(batch_of([(2**60 + 1, [2**53 + 3], 2, 8)]))
     online = store.feature_store.get_online_features(
-        features=[f"{USER_SEQUENCE}:{name}" for name in FEATURES],
-        entity_rows=[{USER_ID: 2**60 + 1}]).to_dict()
+        features=[f"{USER_SEQUENCE}:{name}" for name in FEATURES], entity_rows=[{USER_ID: 2**60 + 1}]
+    ).to_dict()
     assert online["item_ids"] == [[2**53 + 3]]
     assert online["last_offset"] == [8]
 
 
-def test_invalid_batches_and_ids_are_rejected_with_the_fix(tmp_path):
-    good = batch_of([(1, [1, 2], 0, 1)])
-    fields = {name: getattr(good, name) for name in sequences._INT64_FIELDS}
-    with pytest.raises(SequenceBatchError, match=r"item_ids must be a 1-D int64 .*float64"):
-        SequenceBatch(**{**fields, "item_ids": fields["item_ids"].astype(np.float64)})
-    with pytest.raises(SequenceBatchError, match=r"offsets has 3 entries, expected .* 2"):
-        SequenceBatch(**{**fields, "offsets": np.array([0, 1, 2], dtype=np.int64)})
-    with pytest.raises(SequenceBatchError, match=r"actions has 1 events but offsets\[-1\] is 2"):
-        SequenceBatch(**{**fields, "actions": np.array([1], dtype=np.int64)})
-    with pytest.raises(SequenceBatchError, match=r"last_offset of user 1 is -2"):
-        SequenceBatch(**{**fields, "last_offset": np.array([-2], dtype=np.int64)})
-    with pytest.raises(SequenceBatchError, match=r"floats cannot hold int64 ids"):
-        SequenceBatch.from_sequences(user_ids=[1], item_ids=[[1.5]], actions=[[0]],
-                                     timestamps=[[0]], last_partition=[0], last_offset=[0])
-    with pytest.raises(SequenceBatchError, match=r"timestamps lengths \[1\] differ"):
-        SequenceBatch.from_sequences(user_ids=[1], item_ids=[[1, 2]], actions=[[0, 0]],
-                                     timestamps=[[0]], last_partition=[0], last_offset=[0])
+def test_invalid_writes_and_reads_are_rejected_with_the_fix(tmp_path):
     store = make_store(tmp_path)
     with pytest.raises(SequenceBatchError, match=r"user 4 appears 2 times in one write"):
         store.write_many(batch_of([(4, [1], 0, 1), (5, [1], 0, 1), (4, [2], 0, 2)]))
@@ -234,59 +215,36 @@ def test_a_partial_row_written_outside_the_store_is_reported(tmp_path):
     view = store.feature_store.get_feature_view(USER_SEQUENCE)
     only_items = {"item_ids": sequences._int64_list(np.array([3, 4], dtype=np.int64))}
     store.feature_store.provider.online_write_batch(
-        store.feature_store.config, view,
-        [(sequences._entity_key(9), only_items, datetime.now(timezone.utc), None)], progress=None)
+        store.feature_store.config,
+        view,
+        [(sequences._entity_key(9), only_items, datetime.now(UTC), None)],
+        progress=None,
+    )
     with pytest.raises(SequenceStoreError, match=r"user 9 has a partial row \(no \['actions'"):
         store.read_many(np.array([1, 9], dtype=np.int64))
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"max_len": 0}, r"max_len \(0\) must be a positive int"),
-    ({"max_len": 8, "online_store": "postgres"}, r"online_store \('postgres'\) must be one of"),
-    ({"max_len": 8, "redis_address": "localhost"}, r"redis_address \('localhost'\) must be"),
-    ({"max_len": 8, "state_dir": "/tmp/x"}, r"state_dir \('/tmp/x'\) must be a pathlib.Path"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_len": 0}, r"max_len \(0\) must be a positive int"),
+        ({"max_len": 8, "online_store": "postgres"}, r"online_store \('postgres'\) must be one of"),
+        ({"max_len": 8, "redis_address": "localhost"}, r"redis_address \('localhost'\) must be"),
+        ({"max_len": 8, "state_dir": "/tmp/x"}, r"state_dir \('/tmp/x'\) must be a pathlib.Path"),
+    ],
+)
 def test_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SequenceStoreConfig(**kwargs)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_unreachable_redis_fails_on_first_use_with_the_fix(tmp_path):
+    from tests.conftest import free_port
+
     port = free_port()  # nothing listens there
     store = make_store(tmp_path, online_store="redis", redis_address=f"127.0.0.1:{port}")
     with pytest.raises(SequenceStoreError, match=rf"Redis at 127.0.0.1:{port} is not reachable"):
         store.read_many(np.array([1], dtype=np.int64))
-
-
-@pytest.fixture
-def redis_address(tmp_path):
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
-    port = free_port()
-    server = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError(f"redis-server on port {port} did not start")
-                time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
 
 
 def test_redis_variant_round_trip(tmp_path, redis_address):
@@ -295,25 +253,9 @@ def test_redis_variant_round_trip(tmp_path, redis_address):
     store.write_many(written)
     store.write_many(batch_of([(2, [4, 5], 0, 2)]))  # same second: last write still wins
     read = store.read_many(np.array([2**53 + 1, 2, 3], dtype=np.int64))
-    assert as_lists(read) == as_lists(written)[:1] + as_lists(batch_of([(2, [4, 5], 0, 2)])) + [
-        (3, [], [], [], -1, -1)]
+    assert as_lists(read) == as_lists(written)[:1] + as_lists(batch_of([(2, [4, 5], 0, 2)])) + [(3, [], [], [], -1, -1)]
     from feast.repo_config import load_repo_config
 
     config = load_repo_config(store.repo_dir, store.repo_dir / "feature_store.yaml")
     assert config.online_store.connection_string == redis_address
     assert config.online_store.skip_dedup is True
-
-
-def test_benchmark_function_reports_each_figure_and_checks_exactness(tmp_path):
-    figures = measure_batch_io(num_users=40, seq_len=5, repeats=1, work_dir=tmp_path)
-    assert [f["metric"] for f in figures] == [
-        "feast_write_rows_per_s", "feast_read_rows_per_s", "feast_push_write_rows_per_s"]
-    assert all(f["unit"] == "rows/s" and f["value"] > 0 and f["num_users"] == 40 for f in figures)
-    assert list(tmp_path.iterdir()) == []  # its temp repository is gone
-
-
-def test_synthetic_batch_is_valid_and_above_2_53():
-    batch = synthetic_batch(num_users=5, seq_len=3)
-    assert batch.lengths.tolist() == [3] * 5
-    assert (batch.user_ids > 2**53).all() and (batch.item_ids >= 2**53).all()
-    assert len(np.unique(batch.user_ids)) == 5

@@ -8,8 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from infra.datasets.movielens import DatasetError, load_ratings, movielens_events, write_movielens_log
-from infra.paths import REPO_ROOT
+from config.paths import REPO_ROOT
+from features.movielens import DatasetError, load_ratings, movielens_events
+from infra.datasets.movielens import write_movielens_log
 from streaming.events import ActionVocab, decode_values, encode_values
 from streaming.log_source import LogSource
 from streaming.recorded_log import read_log
@@ -65,9 +66,24 @@ def test_ml1m_subset_counts():
 
 def test_cli_writes_the_subset_log(tmp_path):
     out = tmp_path / "subset.parquet"
-    res = subprocess.run([sys.executable, "-m", "infra.datasets", "movielens", "--dataset", "ml-1m-subset",
-                          "--out", str(out), "--partitions", "3"], cwd=REPO_ROOT, capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "infra.datasets",
+            "movielens",
+            "--dataset",
+            "ml-1m-subset",
+            "--out",
+            str(out),
+            "--partitions",
+            "3",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     assert "487,650 events, 2,999 users, 3,615 items" in res.stdout
     log = read_log(out)
@@ -77,7 +93,20 @@ def test_cli_writes_the_subset_log(tmp_path):
 def test_unknown_dataset_is_refused(tmp_path):
     with pytest.raises(DatasetError, match="unknown dataset 'ml-20m'"):
         movielens_events("ml-20m")
-    res = subprocess.run([sys.executable, "-m", "infra.datasets", "movielens", "--dataset", "ml-20m",
-                          "--out", str(tmp_path / "x.parquet")], cwd=REPO_ROOT, capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "infra.datasets",
+            "movielens",
+            "--dataset",
+            "ml-20m",
+            "--out",
+            str(tmp_path / "x.parquet"),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and "invalid choice: 'ml-20m'" in res.stderr

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from config.paths import REPO_ROOT
 from infra.datasets.synthetic import (
     DAY_MS,
     SyntheticConfig,
@@ -17,13 +18,19 @@ from infra.datasets.synthetic import (
     generate_events,
     write_synthetic_log,
 )
-from infra.paths import REPO_ROOT
 from streaming.events import ActionVocab
 from streaming.log_source import LogSource
 from streaming.recorded_log import read_log
 
-CFG = SyntheticConfig(num_users=500, num_items=3_000, num_events=60_000, num_days=30, seed=7,
-                      item_lifetime_days=5.0, interest_drift_days=5.0)
+CFG = SyntheticConfig(
+    num_users=500,
+    num_items=3_000,
+    num_events=60_000,
+    num_days=30,
+    seed=7,
+    item_lifetime_days=5.0,
+    interest_drift_days=5.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +93,17 @@ def dominant_topic_change(cfg: SyntheticConfig) -> float:
 
 
 def test_user_interests_drift():
-    base = dict(num_users=300, num_items=3_000, num_events=60_000, num_days=30, seed=2, stable_interest_prob=0.0,
-                explore_prob=0.0, item_lifetime_days=100.0, topic_trend_sigma=0.0)
+    base = dict(
+        num_users=300,
+        num_items=3_000,
+        num_events=60_000,
+        num_days=30,
+        seed=2,
+        stable_interest_prob=0.0,
+        explore_prob=0.0,
+        item_lifetime_days=100.0,
+        topic_trend_sigma=0.0,
+    )
     drifting = dominant_topic_change(SyntheticConfig(**base, interest_drift_days=3.0))
     fixed = dominant_topic_change(SyntheticConfig(**base, interest_drift_days=10_000.0))
     assert drifting > 0.6 and fixed < 0.2, (drifting, fixed)
@@ -111,23 +127,27 @@ def test_sparse_ids_are_large_distinct_and_deterministic():
 def test_tiny_configs_still_work():
     ev = generate_events(SyntheticConfig(num_users=1, num_items=1, num_events=50, num_days=1, num_topics=1, seed=0))
     assert len(ev) == 50 and set(ev.item_id) == {1} and set(ev.user_id) == {1}
-    ev = generate_events(SyntheticConfig(num_users=3, num_items=2, num_events=500, num_days=60, seed=1,
-                                         item_lifetime_days=0.5))
+    ev = generate_events(
+        SyntheticConfig(num_users=3, num_items=2, num_events=500, num_days=60, seed=1, item_lifetime_days=0.5)
+    )
     assert len(ev) == 500
 
 
-@pytest.mark.parametrize(("over", "message"), [
-    ({"num_users": 0}, r"num_users \(0\) must be at least 1"),
-    ({"num_events": 2.5}, r"num_events must be an integer, got 2.5"),
-    ({"num_items": True}, r"num_items must be a number, got True"),
-    ({"item_lifetime_days": 0.0}, r"item_lifetime_days \(0.0\) must be > 0"),
-    ({"explore_prob": 1.5}, r"explore_prob \(1.5\) must be in \[0, 1\]"),
-    ({"explore_prob": 0.6, "stable_interest_prob": 0.6}, "must not exceed 1"),
-    ({"seed": -1}, r"seed \(-1\) must be >= 0"),
-    ({"popularity_exponent": 9.0}, r"popularity_exponent \(9.0\) must be in \[0, 5\]"),
-    ({"actions": ("a", "a"), "action_logits": (0.0, 0.0)}, "distinct names"),
-    ({"action_logits": (0.0,)}, "action_logits has 1 values but actions has 5"),
-])
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"num_users": 0}, r"num_users \(0\) must be at least 1"),
+        ({"num_events": 2.5}, r"num_events must be an integer, got 2.5"),
+        ({"num_items": True}, r"num_items must be a number, got True"),
+        ({"item_lifetime_days": 0.0}, r"item_lifetime_days \(0.0\) must be > 0"),
+        ({"explore_prob": 1.5}, r"explore_prob \(1.5\) must be in \[0, 1\]"),
+        ({"explore_prob": 0.6, "stable_interest_prob": 0.6}, "must not exceed 1"),
+        ({"seed": -1}, r"seed \(-1\) must be >= 0"),
+        ({"popularity_exponent": 9.0}, r"popularity_exponent \(9.0\) must be in \[0, 5\]"),
+        ({"actions": ("a", "a"), "action_logits": (0.0, 0.0)}, "distinct names"),
+        ({"action_logits": (0.0,)}, "action_logits has 1 values but actions has 5"),
+    ],
+)
 def test_bad_configs_are_refused(over, message):
     with pytest.raises(SyntheticConfigError, match=message):
         SyntheticConfig(**over)
@@ -137,11 +157,28 @@ def test_log_and_cli_are_deterministic(tmp_path):
     cfg = SyntheticConfig(num_users=80, num_items=400, num_events=5_000, num_days=4, seed=21)
     n = write_synthetic_log(cfg, tmp_path / "api.parquet", num_partitions=4)
     assert n == 5_000
-    args = [sys.executable, "-m", "infra.datasets", "synthetic", "--users", "80", "--items", "400", "--events", "5000",
-            "--days", "4", "--seed", "21", "--partitions", "4"]
+    args = [
+        sys.executable,
+        "-m",
+        "infra.datasets",
+        "synthetic",
+        "--users",
+        "80",
+        "--items",
+        "400",
+        "--events",
+        "5000",
+        "--days",
+        "4",
+        "--seed",
+        "21",
+        "--partitions",
+        "4",
+    ]
     for name in ("cli1.parquet", "cli2.parquet"):
-        res = subprocess.run([*args, "--out", str(tmp_path / name)], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=300)
+        res = subprocess.run(
+            [*args, "--out", str(tmp_path / name)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+        )
         assert res.returncode == 0, res.stderr
         assert "5,000 events, 80 users" in res.stdout
     api = read_log(tmp_path / "api.parquet")
@@ -149,8 +186,13 @@ def test_log_and_cli_are_deterministic(tmp_path):
     assert api.table.equals(read_log(tmp_path / "cli2.parquet").table)
     valid, invalid = LogSource(api).build_part(2).next_batch(10_000).decode(vocab=ActionVocab.synthetic(), now_ms=2**62)
     assert invalid.num_rows == 0 and valid.num_rows > 500
-    bad = subprocess.run([*args[:4], "--users", "0", "--out", str(tmp_path / "bad.parquet")], cwd=REPO_ROOT,
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [*args[:4], "--users", "0", "--out", str(tmp_path / "bad.parquet")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "num_users (0) must be at least 1" in bad.stderr
 
 

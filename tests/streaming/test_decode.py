@@ -27,13 +27,16 @@ ACTIONS = tuple(f"rate_{r}" for r in range(1, 6))
 
 def block(values: list[bytes | None], partition: int = 3, first_offset: int = 100) -> pa.Table:
     n = len(values)
-    return pa.table({
-        "partition": pa.array([partition] * n, pa.int32()),
-        "offset": pa.array(range(first_offset, first_offset + n), pa.int64()),
-        "timestamp_ms": pa.array([1_000 + i for i in range(n)], pa.int64()),
-        "key": pa.array([b"k%d" % i for i in range(n)], pa.binary()),
-        "value": pa.array(values, pa.binary()),
-    }, schema=RECORD_SCHEMA)
+    return pa.table(
+        {
+            "partition": pa.array([partition] * n, pa.int32()),
+            "offset": pa.array(range(first_offset, first_offset + n), pa.int64()),
+            "timestamp_ms": pa.array([1_000 + i for i in range(n)], pa.int64()),
+            "key": pa.array([b"k%d" % i for i in range(n)], pa.binary()),
+            "value": pa.array(values, pa.binary()),
+        },
+        schema=RECORD_SCHEMA,
+    )
 
 
 def test_every_invalid_kind_is_routed_with_its_record_and_reason():
@@ -56,7 +59,10 @@ def test_every_invalid_kind_is_routed_with_its_record_and_reason():
 
 
 def test_blocks_with_several_partitions_sharing_offsets():
-    a, b = block([GOOD % (1, 1, 1, 1), b"{bad"], partition=0, first_offset=5), block([b"{bad", GOOD % (2, 2, 2, 2)], partition=1, first_offset=5)
+    a, b = (
+        block([GOOD % (1, 1, 1, 1), b"{bad"], partition=0, first_offset=5),
+        block([b"{bad", GOOD % (2, 2, 2, 2)], partition=1, first_offset=5),
+    )
     valid, letters = split_decoded(decode_block(pa.concat_tables([a, b]), actions=ACTIONS))
     assert list(zip(valid.column("partition").to_pylist(), valid.column("offset").to_pylist())) == [(0, 5), (1, 6)]
     assert list(zip(letters.column("partition").to_pylist(), letters.column("offset").to_pylist())) == [(0, 6), (1, 5)]

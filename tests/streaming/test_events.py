@@ -65,8 +65,12 @@ def test_arrow_input_extra_fields_and_per_value_partitions():
         EngagementEvent(user_id=9, item_id=4, action="rate_2", ts_ms=3).value(),
     ]
     from_list = decode_values(vals, [0, 1, 3], [4, 5, 6], vocab=VOCAB, now_ms=NOW)
-    from_arrow = decode_values(pa.array(vals, type=pa.binary()), np.array([0, 1, 3]), np.array([4, 5, 6]), vocab=VOCAB, now_ms=NOW)
-    from_large = decode_values(pa.chunked_array([pa.array(vals, type=pa.large_binary())]), [0, 1, 3], [4, 5, 6], vocab=VOCAB, now_ms=NOW)
+    from_arrow = decode_values(
+        pa.array(vals, type=pa.binary()), np.array([0, 1, 3]), np.array([4, 5, 6]), vocab=VOCAB, now_ms=NOW
+    )
+    from_large = decode_values(
+        pa.chunked_array([pa.array(vals, type=pa.large_binary())]), [0, 1, 3], [4, 5, 6], vocab=VOCAB, now_ms=NOW
+    )
     for valid, invalid in (from_list, from_arrow, from_large):
         assert invalid.num_rows == 0
         assert valid.column("user_id").to_pylist() == [5, 6, 9]
@@ -94,8 +98,16 @@ INVALID_CASES = [
     ("wrong_type", ev(action=3), "action 3 is a JSON integer, expected a string"),
     ("id_out_of_range", ev(user_id=-1), "user_id -1 is negative"),
     ("id_out_of_range", ev(item_id=-(2**63)), "is negative"),
-    ("id_out_of_range", b'{"user_id":9223372036854775808,"item_id":2,"action":"rate_3","ts_ms":1}', "exceeds the int64 maximum"),
-    ("id_out_of_range", b'{"user_id":1,"item_id":123456789012345678901234,"action":"rate_3","ts_ms":1}', "outside the int64 range"),
+    (
+        "id_out_of_range",
+        b'{"user_id":9223372036854775808,"item_id":2,"action":"rate_3","ts_ms":1}',
+        "exceeds the int64 maximum",
+    ),
+    (
+        "id_out_of_range",
+        b'{"user_id":1,"item_id":123456789012345678901234,"action":"rate_3","ts_ms":1}',
+        "outside the int64 range",
+    ),
     ("bad_timestamp", ev(ts_ms=-5), "ts_ms -5 is negative"),
     ("bad_timestamp", b'{"user_id":1,"item_id":2,"action":"rate_3","ts_ms":18446744073709551615}', "outside 0..2^63-1"),
     ("future_timestamp", ev(ts_ms=NOW + 300_001), "max skew 300000 ms"),
@@ -104,7 +116,9 @@ INVALID_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("kind", "value", "detail"), INVALID_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(INVALID_CASES)])
+@pytest.mark.parametrize(
+    ("kind", "value", "detail"), INVALID_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(INVALID_CASES)]
+)
 def test_each_invalid_kind_is_separated_with_its_reason(kind, value, detail):
     good = ev(user_id=77)
     valid, invalid = decode_values([good, value, good], 1, [100, 101, 102], vocab=VOCAB, now_ms=NOW)
@@ -139,8 +153,9 @@ def test_config_limits():
     assert invalid.column("kind").to_pylist() == ["id_out_of_range", "id_out_of_range", "future_timestamp", "oversized"]
     assert "user_id 101 > max 100" in invalid.column("reason")[0].as_py()
     # No future check at all when the skew is None.
-    valid, invalid = decode_values([ev(ts_ms=INT64_MAX)], 0, [0], vocab=VOCAB, now_ms=NOW,
-                                   config=DecodeConfig(max_future_skew_ms=None))
+    valid, invalid = decode_values(
+        [ev(ts_ms=INT64_MAX)], 0, [0], vocab=VOCAB, now_ms=NOW, config=DecodeConfig(max_future_skew_ms=None)
+    )
     assert valid.num_rows == 1 and invalid.num_rows == 0
 
 
@@ -160,8 +175,12 @@ def test_empty_batch():
 def test_one_bad_value_does_not_change_the_others():
     rng = np.random.default_rng(0)
     n = 2_000
-    vals = encode_values(rng.integers(0, 2**62, n), rng.integers(0, 2**62, n),
-                         [f"rate_{r}" for r in rng.integers(1, 6, n)], rng.integers(0, NOW, n))
+    vals = encode_values(
+        rng.integers(0, 2**62, n),
+        rng.integers(0, 2**62, n),
+        [f"rate_{r}" for r in rng.integers(1, 6, n)],
+        rng.integers(0, NOW, n),
+    )
     clean, _ = decode_values(vals, 0, np.arange(n), vocab=VOCAB, now_ms=NOW)
     dirty = list(vals)
     dirty[777] = b'{"user_id":'
@@ -192,25 +211,40 @@ def test_bad_vocab_config_and_arguments_are_refused():
         decode_values(pa.array([1]), 0, [1], vocab=VOCAB)
     with pytest.raises(EventContractError, match="column lengths differ"):
         encode_values([1], [1, 2], ["rate_1"], [1])
-    with pytest.raises(EventContractError, match='action \'a"b\''):
+    with pytest.raises(EventContractError, match="action 'a\"b'"):
         encode_values([1], [1], ['a"b'], [1])
 
 
 json_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=False), st.text(max_size=8), st.sampled_from(VOCAB.actions),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False),
+    st.text(max_size=8),
+    st.sampled_from(VOCAB.actions),
 )
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.one_of(
-    st.binary(max_size=40),
-    # stdlib json: orjson cannot write integers beyond 64 bits, and those must be refused too
-    st.dictionaries(st.sampled_from(["user_id", "item_id", "action", "ts_ms", "x"]), json_scalars).map(
-        lambda d: json.dumps(d).encode()),
-    st.builds(lambda u, i, a, t: encode_values([u], [i], [a], [t])[0],
-              st.integers(0, INT64_MAX), st.integers(0, INT64_MAX), st.sampled_from(VOCAB.actions), st.integers(0, NOW)),
-), max_size=30))
+@given(
+    st.lists(
+        st.one_of(
+            st.binary(max_size=40),
+            # stdlib json: orjson cannot write integers beyond 64 bits, and those must be refused too
+            st.dictionaries(st.sampled_from(["user_id", "item_id", "action", "ts_ms", "x"]), json_scalars).map(
+                lambda d: json.dumps(d).encode()
+            ),
+            st.builds(
+                lambda u, i, a, t: encode_values([u], [i], [a], [t])[0],
+                st.integers(0, INT64_MAX),
+                st.integers(0, INT64_MAX),
+                st.sampled_from(VOCAB.actions),
+                st.integers(0, NOW),
+            ),
+        ),
+        max_size=30,
+    )
+)
 def test_any_bytes_split_into_valid_and_invalid_without_raising(values):
     valid, invalid = decode_values(values, 0, np.arange(len(values)), vocab=VOCAB, now_ms=NOW)
     assert valid.num_rows + invalid.num_rows == len(values)
@@ -218,5 +252,9 @@ def test_any_bytes_split_into_valid_and_invalid_without_raising(values):
     for row in valid.to_pylist():
         obj = orjson.loads(values[row["offset"]])
         assert (obj["user_id"], obj["item_id"], obj["action"], obj["ts_ms"]) == (
-            row["user_id"], row["item_id"], row["action"], row["ts_ms"])
+            row["user_id"],
+            row["item_id"],
+            row["action"],
+            row["ts_ms"],
+        )
     assert set(invalid.column("kind").to_pylist()) <= set(INVALID_KINDS)

@@ -10,19 +10,40 @@ from streaming.pipeline import CRASH_POINTS, CrashPlan, CrashPlanError
 
 
 def test_flags_become_overrides():
-    args, overrides = parse_args(["--source", "log://x.parquet", "--interval", "0.5", "--batch-size", "1000",
-                                  "--max-len", "64", "--until-idle", "feast.online_store=redis"])
-    assert overrides == ["source=log://x.parquet", "interval_s=0.5", "max_batch_events=1000", "max_len=64",
-                         "stop_when_idle=true", "feast.online_store=redis"]
+    args, overrides = parse_args(
+        [
+            "--source",
+            "log://x.parquet",
+            "--interval",
+            "0.5",
+            "--batch-size",
+            "1000",
+            "--max-len",
+            "64",
+            "--until-idle",
+            "feast.online_store=redis",
+        ]
+    )
+    assert overrides == [
+        "source=log://x.parquet",
+        "interval_s=0.5",
+        "max_batch_events=1000",
+        "max_len=64",
+        "stop_when_idle=true",
+        "feast.online_store=redis",
+    ]
     assert args.crash_at is None
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--max-len", "0"], "max_len (0) must be at least 1"),
-    (["--source", "ftp://x"], "scheme 'ftp'"),
-    (["nonsense=1"], "unknown key 'nonsense'"),
-    (["--crash-at", "after_lunch"], "crash point 'after_lunch' is not one of"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--max-len", "0"], "max_len (0) must be at least 1"),
+        (["--source", "ftp://x"], "scheme 'ftp'"),
+        (["nonsense=1"], "unknown key 'nonsense'"),
+        (["--crash-at", "after_lunch"], "crash point 'after_lunch' is not one of"),
+    ],
+)
 def test_bad_settings_exit_2_with_the_reason(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err

@@ -32,10 +32,18 @@ def test_read_ranges_and_partition_contract(reader, kafka_bootstrap, new_topic, 
         assert source.list_parts() == [0, 1, 2]
         assert source.end_offsets() == {0: 30, 1: 5, 2: 0}
         table = collect(source.read_ranges({0: (10, 25), 1: (0, 5), 2: (0, 0)}))
-        rows = sorted(zip(table.column("partition").to_pylist(), table.column("offset").to_pylist(),
-                          table.column("value").to_pylist(), table.column("timestamp_ms").to_pylist()))
-        assert rows == sorted([(0, o, b"v0-%d" % o, 1_000 + o) for o in range(10, 25)]
-                              + [(1, o, b"v1-%d" % o, 1_000 + o) for o in range(5)])
+        rows = sorted(
+            zip(
+                table.column("partition").to_pylist(),
+                table.column("offset").to_pylist(),
+                table.column("value").to_pylist(),
+                table.column("timestamp_ms").to_pylist(),
+            )
+        )
+        assert rows == sorted(
+            [(0, o, b"v0-%d" % o, 1_000 + o) for o in range(10, 25)]
+            + [(1, o, b"v1-%d" % o, 1_000 + o) for o in range(5)]
+        )
         part = source.build_part(0, resume_offset=28)
         batch = part.next_batch(10)
         assert batch.offsets.tolist() == [28, 29] and part.snapshot() == 30
@@ -66,8 +74,13 @@ def test_confluent_reader_reads_big_ranges_exactly(kafka_bootstrap, new_topic):
     topic = new_topic(partitions=1)
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=20, batch_size=1 << 20)
     for i in range(150_000):
-        producer.send(topic, key=None if i % 7 == 1 and i % 11 else b"k%d" % i, value=None if i % 11 == 0 else b"v%d" % i,
-                      partition=0, timestamp_ms=5_000 + i)
+        producer.send(
+            topic,
+            key=None if i % 7 == 1 and i % 11 else b"k%d" % i,
+            value=None if i % 11 == 0 else b"v%d" % i,
+            partition=0,
+            timestamp_ms=5_000 + i,
+        )
     producer.flush()
     producer.close()
     config = KafkaReadConfig(read_timeout_s=10)
@@ -92,7 +105,9 @@ def test_unknown_topic_is_reported(kafka_bootstrap):
 
 
 def test_every_reader_reads_the_same_records(kafka_bootstrap, new_topic, ray_address):
-    pytest.importorskip("confluent_kafka", reason="ray.data.read_kafka needs confluent-kafka (pinned in requirements.lock)")
+    pytest.importorskip(
+        "confluent_kafka", reason="ray.data.read_kafka needs confluent-kafka (pinned in requirements.lock)"
+    )
     topic = new_topic(partitions=3)
     produce(kafka_bootstrap, topic, {0: 12, 1: 4, 2: 7})
     ranges = {0: (3, 12), 1: (0, 4), 2: (7, 7)}
@@ -100,7 +115,9 @@ def test_every_reader_reads_the_same_records(kafka_bootstrap, new_topic, ray_add
     for reader in ("confluent-kafka", "kafka-python", "ray-read-kafka"):
         source = KafkaSource(kafka_bootstrap, topic, KafkaReadConfig(reader=reader, read_timeout_s=3))
         try:
-            tables[reader] = collect(source.read_ranges(ranges)).sort_by([("partition", "ascending"), ("offset", "ascending")])
+            tables[reader] = collect(source.read_ranges(ranges)).sort_by(
+                [("partition", "ascending"), ("offset", "ascending")]
+            )
             source.check_complete(ranges, tables[reader])
             # A range past the end comes back short: the check refuses it instead of committing it.
             if reader == "ray-read-kafka":

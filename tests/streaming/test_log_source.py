@@ -15,8 +15,9 @@ from streaming.recorded_log import read_log, validate_log_table
 @pytest.fixture(scope="module")
 def log_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("logs") / "syn.parquet"
-    write_synthetic_log(SyntheticConfig(num_users=60, num_items=300, num_events=3_000, num_days=3, seed=5),
-                        path, num_partitions=3)
+    write_synthetic_log(
+        SyntheticConfig(num_users=60, num_items=300, num_events=3_000, num_days=3, seed=5), path, num_partitions=3
+    )
     return path
 
 
@@ -66,10 +67,16 @@ def test_resume_from_snapshot_continues_exactly(log_path):
 
 
 def test_resume_semantics_with_gaps_and_bad_states():
-    t = pa.table({
-        "topic": ["t"] * 4, "partition": pa.array([0] * 4, pa.int32()), "offset": [10, 11, 15, 16],
-        "timestamp_ms": [1, 2, 3, 4], "key": [b"k"] * 4, "value": [b"a", b"b", b"c", b"d"],
-    })
+    t = pa.table(
+        {
+            "topic": ["t"] * 4,
+            "partition": pa.array([0] * 4, pa.int32()),
+            "offset": [10, 11, 15, 16],
+            "timestamp_ms": [1, 2, 3, 4],
+            "key": [b"k"] * 4,
+            "value": [b"a", b"b", b"c", b"d"],
+        }
+    )
     src = LogSource(validate_log_table(t, num_partitions=2))
     assert src.build_part(0, 3).next_batch(10).offsets.tolist() == [10, 11, 15, 16]  # below the start: earliest
     part = src.build_part(0, 12)  # inside the gap: the next record
@@ -109,6 +116,9 @@ def test_log_source_equals_a_broker_read(log_path, kafka_bootstrap, new_topic):
         # Resuming mid-partition from a snapshot gives the same batches on both sides.
         resume = offline[0].next_offset
         again = src.build_part(p, resume).next_batch(100)
-        (kb,) = list(iter_partition_batches(kafka_bootstrap, topic, p, max_events=100, start_offset=resume,
-                                            end_offset=resume + 100))
+        (kb,) = list(
+            iter_partition_batches(
+                kafka_bootstrap, topic, p, max_events=100, start_offset=resume, end_offset=resume + 100
+            )
+        )
         assert kb.offsets.tolist() == again.offsets.tolist() and kb.values.equals(again.values)

@@ -30,8 +30,9 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from features.sequences import SequenceBatch, SequenceStore, SequenceStoreConfig
-from infra.paths import REPO_ROOT
+from config.paths import REPO_ROOT
+from features.sequence_batch import SequenceBatch
+from features.sequences import SequenceStore, SequenceStoreConfig
 from streaming.config import load_job_config
 from streaming.pipeline import CRASH_POINTS, StreamJob
 from streaming.recorded_log import events_to_log, write_log
@@ -45,8 +46,9 @@ PY = sys.executable
 
 # --- data and expectations ----------------------------------------------------------------------
 
+
 def movielens(n: int | None = None) -> pd.DataFrame:
-    from infra.datasets.movielens import movielens_events
+    from features.movielens import movielens_events
 
     events = movielens_events("ml-100k")
     return events if n is None else events.iloc[:n].reset_index(drop=True)
@@ -55,8 +57,11 @@ def movielens(n: int | None = None) -> pd.DataFrame:
 def log_frame(events: pd.DataFrame, partitions: int) -> tuple[pa.Table, pd.DataFrame]:
     """The recorded log of `events` and the events with their partition and offset."""
     table = events_to_log(events, topic="engagements", num_partitions=partitions)
-    frame = events.assign(action=events["action"].map({a: i for i, a in enumerate(ACTIONS)}),
-                          partition=table.column("partition").to_numpy(), offset=table.column("offset").to_numpy())
+    frame = events.assign(
+        action=events["action"].map({a: i for i, a in enumerate(ACTIONS)}),
+        partition=table.column("partition").to_numpy(),
+        offset=table.column("offset").to_numpy(),
+    )
     return table, frame
 
 
@@ -69,8 +74,9 @@ def expected_batch(frame: pd.DataFrame, max_len: int, users: np.ndarray) -> Sequ
     return SequenceBatch(
         user_ids=users.astype(np.int64),
         offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        item_ids=tail["item_id"].to_numpy(np.int64), actions=tail["action"].to_numpy(np.int64),
-        timestamps=tail["ts_ms"].to_numpy(np.int64),
+        item_ids=tail["item_id"].to_numpy(np.int64),
+        actions=tail["action"].to_numpy(np.int64),
+        timestamps_ms=tail["ts_ms"].to_numpy(np.int64),
         last_partition=last["partition"].reindex(users).fillna(-1).to_numpy(np.int64),
         last_offset=last["offset"].reindex(users).fillna(-1).to_numpy(np.int64),
     )
@@ -81,18 +87,25 @@ def assert_same(got: SequenceBatch, want: SequenceBatch, what: str) -> None:
         return
     for i in range(len(want)):
         g, w = got.sequence(i), want.sequence(i)
-        if not (np.array_equal(g.item_ids, w.item_ids) and np.array_equal(g.timestamps, w.timestamps)
-                and np.array_equal(g.actions, w.actions) and (g.last_partition, g.last_offset) == (w.last_partition, w.last_offset)):
+        if not (
+            np.array_equal(g.item_ids, w.item_ids)
+            and np.array_equal(g.timestamps_ms, w.timestamps_ms)
+            and np.array_equal(g.actions, w.actions)
+            and (g.last_partition, g.last_offset) == (w.last_partition, w.last_offset)
+        ):
             raise AssertionError(f"{what}: user {w.user_id} has {g} but should have {w}")
     raise AssertionError(f"{what}: batches differ")
 
 
-def feed_targets(examples: pa.Table) -> Counter:
+def feed_targets(examples: SequenceBatch) -> Counter:
     """The (user, item, ts_ms) of the events a feed batch marks new: each example's last `num_new`."""
     got: Counter = Counter()
-    for row in examples.select(["user_id", "item_ids", "timestamps", "num_new"]).to_pylist():
-        start = len(row["item_ids"]) - row["num_new"]
-        got.update((row["user_id"], item, ts) for item, ts in zip(row["item_ids"][start:], row["timestamps"][start:]))
+    for seq in examples:
+        start = len(seq.item_ids) - seq.num_new
+        got.update(
+            (seq.user_id, item, ts)
+            for item, ts in zip(seq.item_ids[start:].tolist(), seq.timestamps_ms[start:].tolist())
+        )
     return got
 
 
@@ -108,8 +121,9 @@ def read_store(feast_dir: Path, max_len: int, users: np.ndarray) -> SequenceBatc
         store.close()
 
 
-def assert_consistent_prefix(frame: pd.DataFrame, got: SequenceBatch, max_len: int, committed: dict[int, int],
-                             what: str) -> None:
+def assert_consistent_prefix(
+    frame: pd.DataFrame, got: SequenceBatch, max_len: int, committed: dict[int, int], what: str
+) -> None:
     """After a crash: each stored sequence holds exactly the user's events up to its watermark
     (in this time-ordered stream), and every committed event is applied."""
     by_user = {u: g for u, g in frame.sort_values(["user_id", "ts_ms", "offset"], kind="stable").groupby("user_id")}
@@ -122,19 +136,29 @@ def assert_consistent_prefix(frame: pd.DataFrame, got: SequenceBatch, max_len: i
             upto = events[(events["partition"] == s.last_partition) & (events["offset"] <= s.last_offset)]
         assert s.item_ids.tolist() == upto["item_id"].tolist()[-max_len:], (
             f"{what}: user {s.user_id} (watermark {s.last_partition}/{s.last_offset}) holds {s.item_ids.tolist()}, "
-            f"expected {upto['item_id'].tolist()[-max_len:]}")
+            f"expected {upto['item_id'].tolist()[-max_len:]}"
+        )
         p = int(events["partition"].iloc[0])
         below = events[events["offset"] < committed.get(p, 0)]
         if len(below):
             assert s.last_offset >= below["offset"].max(), (
-                f"{what}: user {s.user_id} misses committed events (watermark {s.last_offset}, committed {committed})")
+                f"{what}: user {s.user_id} misses committed events (watermark {s.last_offset}, committed {committed})"
+            )
 
 
 def job_config(source: str, tmp_path: Path, *extra: str):
-    return load_job_config(overrides=[
-        f"source={source}", f"group_id=g-{tmp_path.name}", f"state_dir={tmp_path / 'job'}",
-        f"feast.state_dir={tmp_path / 'feast'}", "interval_s=0.2", "progress_every_s=2",
-        "stop_when_idle=true", *extra])
+    return load_job_config(
+        overrides=[
+            f"source={source}",
+            f"group_id=g-{tmp_path.name}",
+            f"state_dir={tmp_path / 'job'}",
+            f"feast.state_dir={tmp_path / 'feast'}",
+            "interval_s=0.2",
+            "progress_every_s=2",
+            "stop_when_idle=true",
+            *extra,
+        ]
+    )
 
 
 def committed_offsets(bootstrap: str, topic: str, group: str, partitions: int) -> dict[int, int]:
@@ -173,6 +197,7 @@ def replay(table: pa.Table, path: Path, bootstrap: str, topic: str, partitions: 
 
 # --- correctness ---------------------------------------------------------------------------------
 
+
 @pytest.mark.kafka
 @pytest.mark.slow
 @pytest.mark.timeout(600)
@@ -183,8 +208,13 @@ def test_ml100k_through_kafka_matches_pandas(kafka_bootstrap, new_topic, ray_add
     topic, dlq = new_topic(partitions=4), new_topic(partitions=1, prefix="dlq")
     replay(table, tmp_path / "ml.parquet", kafka_bootstrap, topic, 4)
 
-    cfg = job_config(f"kafka://{kafka_bootstrap}/{topic}", tmp_path, f"max_len={max_len}",
-                     "max_batch_events=25000", f"dlq_topic={dlq}")
+    cfg = job_config(
+        f"kafka://{kafka_bootstrap}/{topic}",
+        tmp_path,
+        f"max_len={max_len}",
+        "max_batch_events=25000",
+        f"dlq_topic={dlq}",
+    )
     summary = StreamJob(cfg).run()
     assert summary.stopped_by == "idle"
     assert (summary.records, summary.valid_events, summary.invalid_events) == (100_000, 100_000, 0)
@@ -207,9 +237,18 @@ def test_ml100k_through_kafka_matches_pandas(kafka_bootstrap, new_topic, ray_add
 
     # A second job with a fresh consumer group reads everything again: the watermarks and the
     # offline store's file names make that replay change nothing.
-    again = StreamJob(job_config(f"kafka://{kafka_bootstrap}/{topic}", tmp_path, f"max_len={max_len}",
-                                 "max_batch_events=50000", f"dlq_topic={dlq}", f"group_id=g2-{tmp_path.name}",
-                                 "read_ahead=false", "sequence_cache_events=0")).run()
+    again = StreamJob(
+        job_config(
+            f"kafka://{kafka_bootstrap}/{topic}",
+            tmp_path,
+            f"max_len={max_len}",
+            "max_batch_events=50000",
+            f"dlq_topic={dlq}",
+            f"group_id=g2-{tmp_path.name}",
+            "read_ahead=false",
+            "sequence_cache_events=0",
+        )
+    ).run()
     assert (again.skipped_events, again.applied_events, again.users_written, again.offline_rows) == (100_000, 0, 0, 0)
     assert again.batches >= 2 and again.read_ahead_batches == 0
     assert again.users_read_cached == 0 and again.users_read_feast > 943
@@ -255,9 +294,18 @@ def test_a_failed_batch_clears_the_cache_and_the_retry_is_exact(failure, ray_add
         monkeypatch.setattr(OfflineStore, "append", flaky_append)
     monkeypatch.setattr(SequenceCache, "clear", counting_clear)
     feed_name = f"feed-{failure}"
-    job = StreamJob(job_config(f"log://{tmp_path / 'ml.parquet'}", tmp_path, f"max_len={max_len}",
-                               "max_batch_events=2000", "retry_backoff_s=0", "feed.consumers=[t]",
-                               f"feed.actor_name={feed_name}", "feed.capacity=100"))
+    job = StreamJob(
+        job_config(
+            f"log://{tmp_path / 'ml.parquet'}",
+            tmp_path,
+            f"max_len={max_len}",
+            "max_batch_events=2000",
+            "retry_backoff_s=0",
+            "feed.consumers=[t]",
+            f"feed.actor_name={feed_name}",
+            "feed.capacity=100",
+        )
+    )
     result = {}
     runner = threading.Thread(target=lambda: result.update(summary=job.run()), daemon=True)
     runner.start()
@@ -277,17 +325,22 @@ def test_a_failed_batch_clears_the_cache_and_the_retry_is_exact(failure, ray_add
     assert clears["n"] == 2  # once at start, once for the failed attempt
     assert summary.users_read_cached > 0
     users = np.unique(frame["user_id"].to_numpy())
-    assert_same(read_store(tmp_path / "feast", max_len, users), expected_batch(frame, max_len, users),
-                f"after a failure ({failure}) and its retry")
+    assert_same(
+        read_store(tmp_path / "feast", max_len, users),
+        expected_batch(frame, max_len, users),
+        f"after a failure ({failure}) and its retry",
+    )
     assert targets == frame_targets(frame), "every event must reach the feed as a target exactly once"
 
 
 # --- crash recovery -------------------------------------------------------------------------------
 # --- crash recovery -------------------------------------------------------------------------------
 
+
 def run_cli(args: list[str], env: dict, timeout_s: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([PY, "-m", "streaming.job", *args], cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout_s)
+    proc = subprocess.run(
+        [PY, "-m", "streaming.job", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s
+    )
     return proc
 
 
@@ -310,20 +363,41 @@ def test_sigkill_at_every_crash_point_then_restart(kafka_bootstrap, new_topic, r
 
     group = f"g-{tmp_path.name}"
     env = {**os.environ, "HSTU_STATE_DIR": str(tmp_path / "state")}
-    common = ["--source", f"kafka://{kafka_bootstrap}/{topic}", "--group", group, "--batch-size", "900",
-              "--max-len", str(max_len), "--interval", "0.2", f"dlq_topic={dlq}", f"ray.address={ray_address}",
-              f"feast.state_dir={tmp_path / 'feast'}", f"state_dir={tmp_path / 'job'}", "progress_every_s=30"]
+    common = [
+        "--source",
+        f"kafka://{kafka_bootstrap}/{topic}",
+        "--group",
+        group,
+        "--batch-size",
+        "900",
+        "--max-len",
+        str(max_len),
+        "--interval",
+        "0.2",
+        f"dlq_topic={dlq}",
+        f"ray.address={ray_address}",
+        f"feast.state_dir={tmp_path / 'feast'}",
+        f"state_dir={tmp_path / 'job'}",
+        "progress_every_s=30",
+    ]
     users = np.unique(frame["user_id"].to_numpy())
-    plan = ["after_read@2", "mid_feast_write@2", "after_feast_write@1", "after_sinks@2", "during_commit@1",
-            "after_commit@1"]
+    plan = [
+        "after_read@2",
+        "mid_feast_write@2",
+        "after_feast_write@1",
+        "after_sinks@2",
+        "during_commit@1",
+        "after_commit@1",
+    ]
     assert {p.split("@")[0] for p in plan} == set(CRASH_POINTS)
     for point in plan:
         proc = run_cli([*common, "--crash-at", point], env)
         assert proc.returncode == -signal.SIGKILL, f"--crash-at {point}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
         assert f"crash point {point.split('@')[0]} reached" in proc.stderr
         committed = committed_offsets(kafka_bootstrap, topic, group, partitions)
-        assert_consistent_prefix(frame, read_store(tmp_path / "feast", max_len, users), max_len, committed,
-                                 f"after SIGKILL at {point}")
+        assert_consistent_prefix(
+            frame, read_store(tmp_path / "feast", max_len, users), max_len, committed, f"after SIGKILL at {point}"
+        )
 
     proc = run_cli([*common, "--until-idle"], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -332,8 +406,11 @@ def test_sigkill_at_every_crash_point_then_restart(kafka_bootstrap, new_topic, r
     ends = {p: int(frame[frame["partition"] == p]["offset"].max()) + 1 for p in range(partitions)}
     ends[1] = bad_offsets[-1] + 1
     assert committed_offsets(kafka_bootstrap, topic, group, partitions) == ends
-    assert_same(read_store(tmp_path / "feast", max_len, users), expected_batch(frame, max_len, users),
-                "after the crashes and the final run")
+    assert_same(
+        read_store(tmp_path / "feast", max_len, users),
+        expected_batch(frame, max_len, users),
+        "after the crashes and the final run",
+    )
     offline = OfflineStore(tmp_path / "job" / "offline", actions=ACTIONS).read()
     pairs = list(zip(offline.column("partition").to_pylist(), offline.column("offset").to_pylist()))
     assert sorted(pairs) == sorted(zip(frame["partition"], frame["offset"])), "offline store has duplicates or gaps"
@@ -344,6 +421,7 @@ def test_sigkill_at_every_crash_point_then_restart(kafka_bootstrap, new_topic, r
 
 # --- bad input ------------------------------------------------------------------------------------
 
+
 def mixed_stream() -> tuple[list[tuple[bytes, bytes | None]], pd.DataFrame]:
     """(key, value) records of user 5..8, every invalid kind between valid events, and the valid ones."""
     records, valid = [], []
@@ -351,8 +429,12 @@ def mixed_stream() -> tuple[list[tuple[bytes, bytes | None]], pd.DataFrame]:
     for i, bad in enumerate(BAD.values()):
         for j in range(3):
             u, item, ts = 5 + (i + j) % 4, 100 * i + j, now - 10_000 + 10 * i + j
-            records.append((b"%d" % u, b'{"user_id":%d,"item_id":%d,"action":"rate_%d","ts_ms":%d}' % (u, item, 1 + j, ts)))
-            valid.append({"user_id": u, "item_id": item, "action": j, "ts_ms": ts, "partition": 0, "offset": len(records) - 1})
+            records.append(
+                (b"%d" % u, b'{"user_id":%d,"item_id":%d,"action":"rate_%d","ts_ms":%d}' % (u, item, 1 + j, ts))
+            )
+            valid.append(
+                {"user_id": u, "item_id": item, "action": j, "ts_ms": ts, "partition": 0, "offset": len(records) - 1}
+            )
         records.append((b"5", bad))
     return records, pd.DataFrame(valid)
 
@@ -375,10 +457,16 @@ def test_every_invalid_event_goes_to_the_dlq_with_its_reason(kind, kafka_bootstr
         source = f"kafka://{kafka_bootstrap}/{topic}"
     else:
         n = len(records)
-        log = pa.table({"topic": ["engagements"] * n, "partition": pa.array([0] * n, pa.int32()),
-                        "offset": pa.array(range(n), pa.int64()), "timestamp_ms": pa.array([0] * n, pa.int64()),
-                        "key": pa.array([k for k, _ in records], pa.binary()),
-                        "value": pa.array([v for _, v in records], pa.binary())})
+        log = pa.table(
+            {
+                "topic": ["engagements"] * n,
+                "partition": pa.array([0] * n, pa.int32()),
+                "offset": pa.array(range(n), pa.int64()),
+                "timestamp_ms": pa.array([0] * n, pa.int64()),
+                "key": pa.array([k for k, _ in records], pa.binary()),
+                "value": pa.array([v for _, v in records], pa.binary()),
+            }
+        )
         write_log(log, tmp_path / "mixed.parquet", num_partitions=1)
         source, dlq = f"log://{tmp_path / 'mixed.parquet'}", "unused"
     summary = StreamJob(job_config(source, tmp_path, "max_len=100", "max_batch_events=7", f"dlq_topic={dlq}")).run()
@@ -393,7 +481,9 @@ def test_every_invalid_event_goes_to_the_dlq_with_its_reason(kind, kafka_bootstr
         reasons = [dict(r.headers)["reason"].decode() for r in letters]
     else:
         table = pq_read_all(tmp_path / "job" / "dlq")
-        got = list(zip(table.column("offset").to_pylist(), table.column("kind").to_pylist(), table.column("value").to_pylist()))
+        got = list(
+            zip(table.column("offset").to_pylist(), table.column("kind").to_pylist(), table.column("value").to_pylist())
+        )
         reasons = table.column("reason").to_pylist()
     assert got == [(o, k, v) for o, (k, v) in zip(bad_offsets, BAD.items())]
     assert all(r.startswith(k + ": ") for r, k in zip(reasons, BAD))
@@ -407,6 +497,7 @@ def pq_read_all(folder: Path) -> pa.Table:
 
 
 # --- broker restart -------------------------------------------------------------------------------
+
 
 def restart_broker(state: Path) -> None:
     """Stop the test's broker and start it again on the same data, port and config (a real restart:
@@ -422,12 +513,23 @@ def restart_broker(state: Path) -> None:
     time.sleep(3)  # the job sees the broker gone
     root = state / "kafka"
     java = shutil.which("java")
-    cmd = [java, "-Xmx512m", "-Xms256m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
-           f"-Dlog4j2.configurationFile={broker.LOG4J_CONFIG}", f"-Dkafka.logs.dir={root}",
-           "-cp", broker.classpath(), "kafka.Kafka", str(root / "server.properties")]
+    cmd = [
+        java,
+        "-Xmx512m",
+        "-Xms256m",
+        "-XX:+UseG1GC",
+        "-Djava.awt.headless=true",
+        f"-Dlog4j2.configurationFile={broker.LOG4J_CONFIG}",
+        f"-Dkafka.logs.dir={root}",
+        "-cp",
+        broker.classpath(),
+        "kafka.Kafka",
+        str(root / "server.properties"),
+    ]
     with open(root / "stdout.log", "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=root)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=root
+        )
     (root / "broker.json").write_text(json.dumps({**info.__dict__, "pid": proc.pid}))
     deadline = time.monotonic() + 120
     while not broker.is_running() and time.monotonic() < deadline:
@@ -466,19 +568,47 @@ def test_job_survives_a_broker_restart(ray_address, tmp_path, monkeypatch):
         env = {**os.environ, "HSTU_STATE_DIR": str(tmp_path / "job-state")}
         group = f"g-{tmp_path.name}"
         job = subprocess.Popen(
-            [PY, "-m", "streaming.job", "--source", f"kafka://{bootstrap}/engagements", "--group", group,
-             "--batch-size", "500", "--max-len", str(max_len), "--interval", "0.5", f"ray.address={ray_address}",
-             f"feast.state_dir={tmp_path / 'feast'}", f"state_dir={tmp_path / 'job'}", "retry_backoff_s=1",
-             "kafka.read_timeout_s=5", "progress_every_s=5"],
-            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=open(tmp_path / "job.log", "w"), text=True)
+            [
+                PY,
+                "-m",
+                "streaming.job",
+                "--source",
+                f"kafka://{bootstrap}/engagements",
+                "--group",
+                group,
+                "--batch-size",
+                "500",
+                "--max-len",
+                str(max_len),
+                "--interval",
+                "0.5",
+                f"ray.address={ray_address}",
+                f"feast.state_dir={tmp_path / 'feast'}",
+                f"state_dir={tmp_path / 'job'}",
+                "retry_backoff_s=1",
+                "kafka.read_timeout_s=5",
+                "progress_every_s=5",
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=open(tmp_path / "job.log", "w"),
+            text=True,
+        )
         first_ends = {p: int(o) + 1 for p, o in frame.iloc[:2_000].groupby("partition")["offset"].max().items()}
-        wait_for(lambda: committed_offsets(bootstrap, "engagements", group, partitions) == first_ends, 300,
-                 "the first half to be committed")
+        wait_for(
+            lambda: committed_offsets(bootstrap, "engagements", group, partitions) == first_ends,
+            300,
+            "the first half to be committed",
+        )
         restart_broker(tmp_path / "broker-state")
         replay(second, tmp_path / "b.parquet", bootstrap, "engagements", partitions)
         all_ends = {p: int(o) + 1 for p, o in frame.groupby("partition")["offset"].max().items()}
-        wait_for(lambda: committed_offsets(bootstrap, "engagements", group, partitions) == all_ends, 300,
-                 "everything to be committed after the restart")
+        wait_for(
+            lambda: committed_offsets(bootstrap, "engagements", group, partitions) == all_ends,
+            300,
+            "everything to be committed after the restart",
+        )
         job.send_signal(signal.SIGTERM)
         out, _ = job.communicate(timeout=120)
         log = (tmp_path / "job.log").read_text()
@@ -488,8 +618,11 @@ def test_job_survives_a_broker_restart(ray_address, tmp_path, monkeypatch):
         # retried batches or was absorbed by the Kafka client's reconnects depends on timing.)
         assert summary["stopped_by"] == "SIGTERM", log[-3000:]
         users = np.unique(frame["user_id"].to_numpy())
-        assert_same(read_store(tmp_path / "feast", max_len, users), expected_batch(frame, max_len, users),
-                    "after the broker restart")
+        assert_same(
+            read_store(tmp_path / "feast", max_len, users),
+            expected_batch(frame, max_len, users),
+            "after the broker restart",
+        )
     finally:
         if job is not None and job.poll() is None:
             job.kill()
@@ -498,6 +631,7 @@ def test_job_survives_a_broker_restart(ray_address, tmp_path, monkeypatch):
 
 
 # --- training feed --------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
@@ -508,8 +642,15 @@ def test_training_feed_backpressure_acks_and_commits(ray_address, tmp_path):
     events = movielens(3_000)
     table, frame = log_frame(events, partitions=2)
     write_log(table, tmp_path / "feed.parquet", num_partitions=2)
-    cfg = job_config(f"log://{tmp_path / 'feed.parquet'}", tmp_path, "max_len=1000", "max_batch_events=400",
-                     "feed.consumers=[trainer, evaluator]", "feed.capacity=2", "feed.actor_name=feed-test")
+    cfg = job_config(
+        f"log://{tmp_path / 'feed.parquet'}",
+        tmp_path,
+        "max_len=1000",
+        "max_batch_events=400",
+        "feed.consumers=[trainer, evaluator]",
+        "feed.capacity=2",
+        "feed.actor_name=feed-test",
+    )
     job = StreamJob(cfg)
     result = {}
     runner = threading.Thread(target=lambda: result.update(summary=job.run()), daemon=True)
@@ -543,10 +684,9 @@ def test_training_feed_backpressure_acks_and_commits(ray_address, tmp_path):
     summary = result["summary"]
     assert summary.stopped_by == "idle" and summary.valid_events == 3_000
     # Without truncation every event is a training target exactly once, for each consumer.
-    assert summary.examples == sum(b.examples.num_rows for b in batches)
+    assert summary.examples == sum(len(b.examples) for b in batches)
     assert sum(map(feed_targets, (b.examples for b in batches)), Counter()) == frame_targets(frame)
     assert [b.batch_id for b in seen_by_evaluator] == [b.batch_id for b in batches]
     assert all(e.examples.equals(b.examples) for e, b in zip(seen_by_evaluator, batches))
     ends = {int(p): int(o) + 1 for p, o in frame.groupby("partition")["offset"].max().items()}
     assert offsets.committed([0, 1]) == ends
-

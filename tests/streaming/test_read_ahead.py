@@ -16,7 +16,8 @@ def _dataset(n: int):
     import ray.data
 
     return ray.data.from_arrow(
-        pa.Table.from_pylist([{name: None for name in DECODED_SCHEMA.names}] * n, schema=DECODED_SCHEMA))
+        pa.Table.from_pylist([{name: None for name in DECODED_SCHEMA.names}] * n, schema=DECODED_SCHEMA)
+    )
 
 
 @pytest.mark.timeout(120)
@@ -28,6 +29,7 @@ def test_read_ahead_hands_over_only_the_matching_range(ray_address):
         def make():
             builds.append(n)
             return _dataset(n)
+
         return make
 
     first = BatchRange(start={0: 10, 1: 0}, end={0: 20, 1: 5})

@@ -26,12 +26,14 @@ from streaming.recorded_log import (
 
 def small_events(n: int = 500, users: int = 37, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    return pd.DataFrame({
-        "user_id": rng.integers(1, users + 1, n) * (2**54 + 1),  # ids above 2^53
-        "item_id": rng.integers(0, 2**63 - 1, n),
-        "action": [f"rate_{r}" for r in rng.integers(1, 6, n)],
-        "ts_ms": np.sort(rng.integers(0, 10**12, n)),
-    })
+    return pd.DataFrame(
+        {
+            "user_id": rng.integers(1, users + 1, n) * (2**54 + 1),  # ids above 2^53
+            "item_id": rng.integers(0, 2**63 - 1, n),
+            "action": [f"rate_{r}" for r in rng.integers(1, 6, n)],
+            "ts_ms": np.sort(rng.integers(0, 10**12, n)),
+        }
+    )
 
 
 def test_partitioner_matches_kafkas_murmur2():
@@ -81,14 +83,16 @@ def test_write_read_round_trip(tmp_path):
 
 
 def test_interleaved_partitions_and_gaps_are_fine_and_types_are_coerced():
-    t = pa.table({
-        "topic": pa.array(["x"] * 5).dictionary_encode(),
-        "partition": pa.array([1, 0, 1, 0, 1], type=pa.int64()),
-        "offset": pa.array([5, 0, 9, 3, 10], type=pa.int32()),
-        "timestamp_ms": [1, 2, -1, 4, 5],
-        "key": pa.array(["a", None, "b", "c", "d"], type=pa.string()),
-        "value": pa.array([b"1", b"2", None, b"4", b"5"], type=pa.large_binary()),
-    })
+    t = pa.table(
+        {
+            "topic": pa.array(["x"] * 5).dictionary_encode(),
+            "partition": pa.array([1, 0, 1, 0, 1], type=pa.int64()),
+            "offset": pa.array([5, 0, 9, 3, 10], type=pa.int32()),
+            "timestamp_ms": [1, 2, -1, 4, 5],
+            "key": pa.array(["a", None, "b", "c", "d"], type=pa.string()),
+            "value": pa.array([b"1", b"2", None, b"4", b"5"], type=pa.large_binary()),
+        }
+    )
     log = validate_log_table(t, num_partitions=3)
     assert log.table.schema == LOG_SCHEMA
     assert log.table.column("key").to_pylist() == [b"a", None, b"b", b"c", b"d"]
@@ -108,14 +112,27 @@ BAD_TABLES = [
     ("unexpected columns ['extra']", lambda t: t.append_column("extra", pa.array([1] * t.num_rows))),
     ("column 'offset' has type string", lambda t: replace(t, "offset", pa.array(["1"] * t.num_rows))),
     ("column 'value' has type int64", lambda t: replace(t, "value", pa.array([1] * t.num_rows))),
-    ("column 'partition' (int64) does not fit int32", lambda t: replace(t, "partition", pa.array([2**40] * t.num_rows))),
-    ("1 null offset values (first at row 2)", lambda t: replace(t, "offset", pa.array([0, 1, None, 3, 4, 5], pa.int64()))),
+    (
+        "column 'partition' (int64) does not fit int32",
+        lambda t: replace(t, "partition", pa.array([2**40] * t.num_rows)),
+    ),
+    (
+        "1 null offset values (first at row 2)",
+        lambda t: replace(t, "offset", pa.array([0, 1, None, 3, 4, 5], pa.int64())),
+    ),
     ("2 topics ['t', 'u']", lambda t: replace(t, "topic", pa.array(["t"] * 5 + ["u"]))),
     ("negative partition -1 at row 0", lambda t: replace(t, "partition", pa.array([-1, 0, 0, 0, 0, 0], pa.int32()))),
     ("negative offset -3 at row 1", lambda t: replace(t, "offset", pa.array([0, -3, 0, 1, 2, 3], pa.int64()))),
-    ("timestamp_ms -2 at row 4 is below -1", lambda t: replace(t, "timestamp_ms", pa.array([0, 0, 0, 0, -2, 0], pa.int64()))),
-    ("offsets do not increase within their partition, first: partition 0 offset 0 at row 2 after offset 5 at row 1",
-     lambda t: replace(replace(t, "partition", pa.array([0] * 6, pa.int32())), "offset", pa.array([0, 5, 0, 1, 6, 7], pa.int64()))),
+    (
+        "timestamp_ms -2 at row 4 is below -1",
+        lambda t: replace(t, "timestamp_ms", pa.array([0, 0, 0, 0, -2, 0], pa.int64())),
+    ),
+    (
+        "offsets do not increase within their partition, first: partition 0 offset 0 at row 2 after offset 5 at row 1",
+        lambda t: replace(
+            replace(t, "partition", pa.array([0] * 6, pa.int32())), "offset", pa.array([0, 5, 0, 1, 6, 7], pa.int64())
+        ),
+    ),
 ]
 
 
@@ -140,13 +157,17 @@ def test_bad_files_are_refused(tmp_path):
     with pytest.raises(RecordedLogError, match="not a readable Parquet file"):
         read_log(tmp_path / "junk.parquet")
     t = good_table()
-    pq.write_table(t.replace_schema_metadata({META_KEY: b'{"version": 2, "num_partitions": 2}'}), tmp_path / "v2.parquet")
+    pq.write_table(
+        t.replace_schema_metadata({META_KEY: b'{"version": 2, "num_partitions": 2}'}), tmp_path / "v2.parquet"
+    )
     with pytest.raises(RecordedLogError, match="log format version 2; this code reads version 1"):
         read_log(tmp_path / "v2.parquet")
     pq.write_table(t.replace_schema_metadata({META_KEY: b"{bad"}), tmp_path / "meta.parquet")
     with pytest.raises(RecordedLogError, match="metadata hstu.recorded_log is not valid"):
         read_log(tmp_path / "meta.parquet")
-    pq.write_table(t.replace_schema_metadata({META_KEY: b'{"version": 1, "num_partitions": 1}'}), tmp_path / "np.parquet")
+    pq.write_table(
+        t.replace_schema_metadata({META_KEY: b'{"version": 1, "num_partitions": 1}'}), tmp_path / "np.parquet"
+    )
     with pytest.raises(RecordedLogError, match="partition 1 .* is not below the topic's num_partitions 1"):
         read_log(tmp_path / "np.parquet")
     with pytest.raises(RecordedLogError, match="events frame lacks columns"):

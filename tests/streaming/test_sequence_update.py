@@ -8,28 +8,39 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from features.sequences import SequenceBatch
+from features.sequence_batch import SequenceBatch, take_users
 from streaming.decode import order_events
-from streaming.sequence_update import EXAMPLE_SCHEMA, apply_events, take_users, touched_users, training_examples
+from streaming.sequence_update import apply_events, touched_users, training_examples
 
 
 def events_table(rows: list[tuple[int, int, int, int, int, int]]) -> pa.Table:
     """rows of (user, item, action, ts, partition, offset)."""
     cols = list(zip(*rows)) if rows else [[]] * 6
-    return pa.table({
-        "partition": pa.array(cols[4], pa.int32()), "offset": pa.array(cols[5], pa.int64()),
-        "timestamp_ms": pa.array([0] * len(rows), pa.int64()),
-        "user_id": pa.array(cols[0], pa.int64()), "item_id": pa.array(cols[1], pa.int64()),
-        "action": pa.array(cols[2], pa.int8()), "ts_ms": pa.array(cols[3], pa.int64()),
-    })
+    return pa.table(
+        {
+            "partition": pa.array(cols[4], pa.int32()),
+            "offset": pa.array(cols[5], pa.int64()),
+            "timestamp_ms": pa.array([0] * len(rows), pa.int64()),
+            "user_id": pa.array(cols[0], pa.int64()),
+            "item_id": pa.array(cols[1], pa.int64()),
+            "action": pa.array(cols[2], pa.int8()),
+            "ts_ms": pa.array(cols[3], pa.int64()),
+        }
+    )
 
 
 def empty_store(users: np.ndarray) -> SequenceBatch:
     n = len(users)
     z = np.zeros(0, dtype=np.int64)
-    return SequenceBatch(user_ids=users.astype(np.int64), offsets=np.zeros(n + 1, dtype=np.int64), item_ids=z,
-                         actions=z, timestamps=z, last_partition=np.full(n, -1, dtype=np.int64),
-                         last_offset=np.full(n, -1, dtype=np.int64))
+    return SequenceBatch(
+        user_ids=users.astype(np.int64),
+        offsets=np.zeros(n + 1, dtype=np.int64),
+        item_ids=z,
+        actions=z,
+        timestamps_ms=z,
+        last_partition=np.full(n, -1, dtype=np.int64),
+        last_offset=np.full(n, -1, dtype=np.int64),
+    )
 
 
 class DictStore:
@@ -41,14 +52,20 @@ class DictStore:
     def read(self, users: np.ndarray) -> SequenceBatch:
         got = [self.rows.get(int(u), {"seq": [], "wm": (-1, -1)}) for u in users]
         return SequenceBatch.from_sequences(
-            user_ids=users, item_ids=[[e[0] for e in g["seq"]] for g in got],
-            actions=[[e[1] for e in g["seq"]] for g in got], timestamps=[[e[2] for e in g["seq"]] for g in got],
-            last_partition=[g["wm"][0] for g in got], last_offset=[g["wm"][1] for g in got])
+            user_ids=users,
+            item_ids=[[e[0] for e in g["seq"]] for g in got],
+            actions=[[e[1] for e in g["seq"]] for g in got],
+            timestamps_ms=[[e[2] for e in g["seq"]] for g in got],
+            last_partition=[g["wm"][0] for g in got],
+            last_offset=[g["wm"][1] for g in got],
+        )
 
     def write(self, batch: SequenceBatch) -> None:
         for s in batch:
-            self.rows[s.user_id] = {"seq": list(zip(s.item_ids.tolist(), s.actions.tolist(), s.timestamps.tolist())),
-                                    "wm": (s.last_partition, s.last_offset)}
+            self.rows[s.user_id] = {
+                "seq": list(zip(s.item_ids.tolist(), s.actions.tolist(), s.timestamps_ms.tolist())),
+                "wm": (s.last_partition, s.last_offset),
+            }
 
 
 def reference(batches: list[list[tuple]], max_len: int) -> dict[int, list[tuple]]:
@@ -56,12 +73,12 @@ def reference(batches: list[list[tuple]], max_len: int) -> dict[int, list[tuple]
     seqs: dict[int, list] = {}
     marks: dict[int, int] = {}
     for batch in batches:
-        for u, i, a, t, p, o in sorted(batch, key=lambda r: (r[0], r[3], r[5])):
+        for u, i, a, t, _p, o in sorted(batch, key=lambda r: (r[0], r[3], r[5])):
             if o <= marks.get(u, -1):
                 continue
             seqs.setdefault(u, []).append((i, a, t))
             seqs[u] = seqs[u][-max_len:]
-        for u, i, a, t, p, o in batch:
+        for u, *_, o in batch:
             marks[u] = max(marks.get(u, -1), o)
     return seqs
 
@@ -78,10 +95,13 @@ def run_batches(batches: list[list[tuple]], max_len: int) -> tuple[DictStore, li
 
 
 def test_append_truncate_and_watermark():
-    store, (u1, u2) = run_batches([
-        [(1, 10, 0, 100, 0, 0), (1, 11, 1, 50, 0, 1), (2, 20, 2, 5, 1, 0)],
-        [(1, 12, 3, 200, 0, 2), (1, 13, 4, 300, 0, 3)],
-    ], max_len=3)
+    store, (u1, u2) = run_batches(
+        [
+            [(1, 10, 0, 100, 0, 0), (1, 11, 1, 50, 0, 1), (2, 20, 2, 5, 1, 0)],
+            [(1, 12, 3, 200, 0, 2), (1, 13, 4, 300, 0, 3)],
+        ],
+        max_len=3,
+    )
     # Within a batch, (ts, offset) order: item 11 (ts 50) before item 10 (ts 100).
     assert [e[0] for e in store.rows[1]["seq"]] == [10, 12, 13]
     assert store.rows[1]["wm"] == (0, 3) and store.rows[2]["wm"] == (1, 0)
@@ -131,10 +151,16 @@ def test_take_users_and_training_examples():
     _, (update,) = run_batches([[(1, 10, 0, 1, 0, 0), (2, 20, 1, 2, 0, 1), (2, 21, 1, 3, 0, 2)]], max_len=5)
     sub = take_users(update.sequences, np.array([1]))
     assert sub.user_ids.tolist() == [2] and sub.item_ids.tolist() == [20, 21]
-    table = training_examples(update)
-    assert table.schema == EXAMPLE_SCHEMA
-    assert table.to_pylist()[1] == {"user_id": 2, "item_ids": [20, 21], "actions": [1, 1], "timestamps": [2, 3],
-                                    "num_new": 2, "last_partition": 0, "last_offset": 2}
+    examples = training_examples(update)
+    assert len(examples) == 2 and examples.num_new.tolist() == [1, 2]
+    seq = examples.sequence(1)
+    assert (seq.user_id, seq.item_ids.tolist(), seq.actions.tolist(), seq.timestamps_ms.tolist()) == (
+        2,
+        [20, 21],
+        [1, 1],
+        [2, 3],
+    )
+    assert (seq.num_new, seq.last_partition, seq.last_offset) == (2, 0, 2)
 
 
 def test_ids_above_2_53_stay_exact():
@@ -147,8 +173,7 @@ event = st.tuples(st.integers(0, 5), st.integers(0, 3), st.integers(0, 50))  # u
 
 
 @settings(max_examples=60, deadline=None)
-@given(stream=st.lists(event, max_size=80), cuts=st.lists(st.integers(0, 80), max_size=6),
-       max_len=st.integers(1, 6))
+@given(stream=st.lists(event, max_size=80), cuts=st.lists(st.integers(0, 80), max_size=6), max_len=st.integers(1, 6))
 def test_matches_reference_for_any_batching(stream, cuts, max_len):
     # Offsets per partition as Kafka assigns them; a user's partition is user % 2.
     next_off = [0, 0]

@@ -16,22 +16,32 @@ ACTIONS = ("view", "click", "buy")
 def events(rows: list[tuple[int, int, int]]) -> pa.Table:
     """rows of (partition, offset, ts_ms); user and item derived from the offset."""
     p, o, t = zip(*rows)
-    return pa.table({
-        "partition": pa.array(p, pa.int32()), "offset": pa.array(o, pa.int64()),
-        "timestamp_ms": pa.array([0] * len(rows), pa.int64()),
-        "user_id": pa.array([x % 7 for x in o], pa.int64()), "item_id": pa.array([100 + x for x in o], pa.int64()),
-        "action": pa.array([x % 3 for x in o], pa.int8()), "ts_ms": pa.array(t, pa.int64()),
-    })
+    return pa.table(
+        {
+            "partition": pa.array(p, pa.int32()),
+            "offset": pa.array(o, pa.int64()),
+            "timestamp_ms": pa.array([0] * len(rows), pa.int64()),
+            "user_id": pa.array([x % 7 for x in o], pa.int64()),
+            "item_id": pa.array([100 + x for x in o], pa.int64()),
+            "action": pa.array([x % 3 for x in o], pa.int8()),
+            "ts_ms": pa.array(t, pa.int64()),
+        }
+    )
 
 
 def letters(rows: list[tuple[int, int]]) -> pa.Table:
     p, o = zip(*rows)
-    return pa.table({
-        "partition": pa.array(p, pa.int32()), "offset": pa.array(o, pa.int64()),
-        "timestamp_ms": pa.array([1_700_000_000_000] * len(rows), pa.int64()),
-        "key": pa.array([b"k%d" % x for x in o], pa.binary()), "value": pa.array([b"{bad%d" % x for x in o], pa.binary()),
-        "reason": pa.array([f"bad_json: at {x}" for x in o]), "kind": pa.array(["bad_json"] * len(rows)),
-    })
+    return pa.table(
+        {
+            "partition": pa.array(p, pa.int32()),
+            "offset": pa.array(o, pa.int64()),
+            "timestamp_ms": pa.array([1_700_000_000_000] * len(rows), pa.int64()),
+            "key": pa.array([b"k%d" % x for x in o], pa.binary()),
+            "value": pa.array([b"{bad%d" % x for x in o], pa.binary()),
+            "reason": pa.array([f"bad_json: at {x}" for x in o]),
+            "kind": pa.array(["bad_json"] * len(rows)),
+        }
+    )
 
 
 def test_offline_store_partitions_by_day_and_skips_replays(tmp_path):
@@ -45,13 +55,20 @@ def test_offline_store_partitions_by_day_and_skips_replays(tmp_path):
     assert again.append(events(stream)) == 0
     got = again.read()
     assert list(zip(got.column("partition").to_pylist(), got.column("offset").to_pylist())) == [
-        (0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]
+        (0, 0),
+        (0, 1),
+        (0, 2),
+        (0, 3),
+        (1, 0),
+        (1, 1),
+    ]
     assert got.column("action").to_pylist() == ["view", "click", "buy", "view", "view", "click"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["day=1970-01-01", "day=1970-01-02"]
     assert sorted(p.name for p in (tmp_path / "day=1970-01-02").iterdir()) == [
         "p0000-00000000000000000001-00000000000000000001.parquet",
         "p0000-00000000000000000003-00000000000000000003.parquet",
-        "p0001-00000000000000000000-00000000000000000001.parquet"]
+        "p0001-00000000000000000000-00000000000000000001.parquet",
+    ]
 
 
 def test_parallel_writers_write_the_same_files_as_one(tmp_path):
@@ -63,8 +80,10 @@ def test_parallel_writers_write_the_same_files_as_one(tmp_path):
         assert store.append(first) == 900
         assert store.append(replay) == 300
         store.close()
-    files = {n: sorted(str(f.relative_to(tmp_path / f"w{n}")) for f in (tmp_path / f"w{n}").rglob("*.parquet"))
-             for n in stores}
+    files = {
+        n: sorted(str(f.relative_to(tmp_path / f"w{n}")) for f in (tmp_path / f"w{n}").rglob("*.parquet"))
+        for n in stores
+    }
     assert files[1] == files[8] and len(files[8]) == 4 * 40  # p0, p1 and p2 once; p2 again in the replay
     assert not list((tmp_path / "w8").rglob("*.tmp"))
     assert stores[8].read().equals(stores[1].read()) and stores[8].read().num_rows == 1200
@@ -77,7 +96,11 @@ def test_file_dead_letters_are_written_once(tmp_path):
     assert sink.send(letters([(0, 4), (1, 2)])) == 2
     assert FileDeadLetters(tmp_path, source_topic="engagements").send(letters([(0, 4), (0, 9), (1, 2)])) == 1
     table = sink.read()
-    assert sorted(zip(table.column("partition").to_pylist(), table.column("offset").to_pylist())) == [(0, 4), (0, 9), (1, 2)]
+    assert sorted(zip(table.column("partition").to_pylist(), table.column("offset").to_pylist())) == [
+        (0, 4),
+        (0, 9),
+        (1, 2),
+    ]
     assert set(table.column("topic").to_pylist()) == {"engagements"}
 
 
@@ -102,5 +125,10 @@ def test_kafka_dead_letters_carry_value_key_and_reason(kafka_bootstrap, new_topi
     consumer.close()
     assert [(r.key, r.value) for r in got] == [(b"k40", b"{bad40"), (b"k7", b"{bad7")]
     headers = dict(got[0].headers)
-    assert headers == {"reason": b"bad_json: at 40", "kind": b"bad_json", "source_topic": b"engagements",
-                       "source_partition": b"2", "source_offset": b"40"}
+    assert headers == {
+        "reason": b"bad_json: at 40",
+        "kind": b"bad_json",
+        "source_topic": b"engagements",
+        "source_partition": b"2",
+        "source_offset": b"40",
+    }

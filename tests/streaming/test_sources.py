@@ -22,8 +22,14 @@ def test_plan_is_capped_and_shared_fairly():
 
 @pytest.fixture
 def log_path(tmp_path):
-    ev = pd.DataFrame({"user_id": np.arange(40) % 9, "item_id": np.arange(40), "action": ["rate_3"] * 40,
-                       "ts_ms": np.arange(40) * 1000})
+    ev = pd.DataFrame(
+        {
+            "user_id": np.arange(40) % 9,
+            "item_id": np.arange(40),
+            "action": ["rate_3"] * 40,
+            "ts_ms": np.arange(40) * 1000,
+        }
+    )
     path = tmp_path / "log.parquet"
     write_log(events_to_log(ev, topic="engagements", num_partitions=3), path, num_partitions=3)
     return path

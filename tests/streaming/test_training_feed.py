@@ -3,14 +3,16 @@ batches, and reports what all consumers acknowledged."""
 
 from __future__ import annotations
 
-import pyarrow as pa
 import pytest
 
+from features.sequence_batch import SequenceBatch
 from streaming.training_feed import FeedConsumer, FeedError, TrainingFeed
 
 
-def examples(n: int) -> pa.Table:
-    return pa.table({"user_id": list(range(n)), "num_new": [1] * n})
+def examples(n: int) -> SequenceBatch:
+    return SequenceBatch.from_sequences(
+        user_ids=list(range(n)), item_ids=[[1]] * n, actions=[[0]] * n, timestamps_ms=[[0]] * n, num_new=[1] * n
+    )
 
 
 def test_broadcast_backpressure_and_acks(ray_address):
@@ -23,7 +25,7 @@ def test_broadcast_backpressure_and_acks(ray_address):
         feed.publish(2, {0: 20}, examples(4))
         assert not feed.wait_for_room(0.2)  # two batches out, none acknowledged: full
         got = a.next(timeout_s=5)
-        assert (got.batch_id, got.end_offsets, got.examples.num_rows) == (1, {0: 10}, 3)
+        assert (got.batch_id, got.end_offsets, len(got.examples)) == (1, {0: 10}, 3)
         a.ack(1)
         assert feed.acked_through() == -1 and not feed.wait_for_room(0.2)  # b has not acked
         assert b.next(timeout_s=5).batch_id == 1

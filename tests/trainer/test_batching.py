@@ -1,24 +1,25 @@
-"""trainer/batching.py: jagged batches (no padding), truncation, num_new and Stochastic Length."""
+"""trainer/batching.py: jagged training batches (no padding), truncation, num_new and Stochastic Length."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
+from features.sequence_batch import SequenceBatch
 from trainer.batching import BatchError, iterate_batches, make_batch, stochastic_length_indices
-from trainer.splits import UserSequences
 
 
-def seqs_of(lengths: list[int]) -> UserSequences:
+def seqs_of(lengths: list[int]) -> SequenceBatch:
     offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
     n = int(offsets[-1])
-    return UserSequences(
+    return SequenceBatch(
         user_ids=np.arange(100, 100 + len(lengths), dtype=np.int64),
         offsets=offsets,
         item_ids=np.arange(n, dtype=np.int64),
         actions=np.arange(n, dtype=np.int64) % 5,
-        timestamps=np.arange(n, dtype=np.int64) * 10,
+        timestamps_ms=np.arange(n, dtype=np.int64) * 10,
+        last_partition=np.arange(len(lengths), dtype=np.int64),
+        last_offset=np.arange(len(lengths), dtype=np.int64) * 7,
     )
 
 
@@ -27,9 +28,9 @@ def test_batch_is_jagged_and_truncates_to_latest() -> None:
     batch = make_batch(seqs, np.array([2, 1]), max_len=4)
     assert batch.offsets.tolist() == [0, 4, 6]
     assert batch.item_ids.tolist() == [10, 11, 12, 13, 5, 6]  # user 2's latest 4, then user 1
-    assert batch.timestamps.tolist() == [100, 110, 120, 130, 50, 60]
-    assert batch.user_ids.tolist() == [102, 101]
-    assert batch.num_tokens == 6 and batch.batch_size == 2
+    assert batch.timestamps_ms.tolist() == [100, 110, 120, 130, 50, 60]
+    assert batch.user_ids.tolist() == [102, 101] and batch.last_offset.tolist() == [14, 7]  # watermarks follow
+    assert batch.num_events == 6 and len(batch) == 2
     assert batch.num_new.tolist() == [4, 2]
 
 
@@ -43,9 +44,9 @@ def test_epoch_covers_every_user_once() -> None:
     seqs = seqs_of([3, 1, 4, 2, 5])
     rng = np.random.default_rng(0)
     batches = list(iterate_batches(seqs, batch_size=2, max_len=10, shuffle=True, rng=rng, min_length=2))
-    users = torch.cat([b.user_ids for b in batches]).tolist()
-    assert sorted(users) == [100, 102, 103, 104] and [b.batch_size for b in batches] == [2, 2]
-    assert sum(b.num_tokens for b in batches) == 3 + 4 + 2 + 5
+    users = np.concatenate([b.user_ids for b in batches]).tolist()
+    assert sorted(users) == [100, 102, 103, 104] and [len(b) for b in batches] == [2, 2]
+    assert sum(b.num_events for b in batches) == 3 + 4 + 2 + 5
 
 
 def test_stochastic_length_formula() -> None:
@@ -67,17 +68,17 @@ def test_stochastic_length_in_batch_counts_new() -> None:
     lengths = set()
     for _ in range(30):
         b = make_batch(seqs, np.array([0]), max_len=100, num_new=np.array([10]), stochastic_length_alpha=1.5, rng=rng)
-        kept = b.item_ids.numpy()
+        kept = b.item_ids
         assert np.all(np.diff(kept) > 0)
         assert b.num_new.item() == int((kept >= 90).sum())
-        lengths.add(b.num_tokens)
+        lengths.add(b.num_events)
     assert lengths <= {31, 100} and 31 in lengths
 
 
 def test_alpha_two_keeps_everything_and_bad_args() -> None:
     seqs = seqs_of([50])
     b = make_batch(seqs, np.array([0]), max_len=50, stochastic_length_alpha=2.0, rng=np.random.default_rng(0))
-    assert b.num_tokens == 50
+    assert b.num_events == 50
     with pytest.raises(BatchError, match=r"stochastic_length_alpha \(0.5\)"):
         stochastic_length_indices(np.array([5]), max_len=5, alpha=0.5, rng=np.random.default_rng(0))
     with pytest.raises(BatchError, match="needs an rng"):

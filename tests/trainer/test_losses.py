@@ -32,7 +32,9 @@ def test_retrieval_loss_matches_reference_on_new_positions_only() -> None:
     out = torch.randn(7, 6)
     loss_fn = GenerativeLoss(config=LossConfig(num_negatives=5, temperature=0.1), table=table, seed=3)
     targets = target_index(offsets, torch.tensor([1, 2]))  # events 3, 5, 6
-    got = loss_fn(out, layout=layout, rows=rows, actions=torch.zeros(7, dtype=torch.int64), targets=targets, action_head=None)
+    got = loss_fn(
+        out, layout=layout, rows=rows, actions=torch.zeros(7, dtype=torch.int64), targets=targets, action_head=None
+    )
     negatives = GenerativeLoss(config=loss_fn.config, table=table, seed=3).negatives(rows[[3, 5, 6]])
     assert negatives.shape == (3, 5)
     want = pt_sampled_softmax_loss(out[[2, 4, 5]], rows[[3, 5, 6]], negatives, table.weight, temperature=0.1).mean()
@@ -77,8 +79,12 @@ def test_ranking_loss_at_new_item_tokens() -> None:
     actions = torch.tensor([1, 3, 0])
     loss_fn = GenerativeLoss(config=LossConfig(num_negatives=4, ranking_weight=0.5), table=table)
     got = loss_fn(
-        out, layout=layout, rows=table.lookup(torch.tensor([100, 101, 102])), actions=actions,
-        targets=target_index(offsets, torch.tensor([2])), action_head=head,
+        out,
+        layout=layout,
+        rows=table.lookup(torch.tensor([100, 101, 102])),
+        actions=actions,
+        targets=target_index(offsets, torch.tensor([2])),
+        action_head=head,
     )
     want = F.cross_entropy(head(out[[2, 4]]), actions[[1, 2]])
     assert torch.allclose(got["ranking"], want)

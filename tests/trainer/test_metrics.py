@@ -101,7 +101,9 @@ def test_paired_bootstrap_ratio_difference_resamples_users_with_all_their_events
     idx = resample_users(50, resamples=300, seed=2)
     diffs = top_a[idx].mean(1) / bottom_a[idx].mean(1) - top_b[idx].mean(1) / bottom_b[idx].mean(1)
     assert got["value"] == pytest.approx(0.2 * top_a.mean() / bottom_a.mean())
-    assert got["low"] == pytest.approx(np.percentile(diffs, 2.5)) and got["high"] == pytest.approx(np.percentile(diffs, 97.5))
+    assert got["low"] == pytest.approx(np.percentile(diffs, 2.5)) and got["high"] == pytest.approx(
+        np.percentile(diffs, 97.5)
+    )
     assert got["p_le_0"] == 0.0
     with pytest.raises(ValueError, match="four non-empty 1-D"):
         paired_bootstrap_ratio_difference((top_a, bottom_a), (top_a[:10], bottom_a[:10]))

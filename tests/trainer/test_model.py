@@ -1,15 +1,13 @@
-"""trainer/model.py (+ trainer/sasrec.py): gradients, masks, candidates, layouts, scoring helpers."""
+"""trainer/model.py (+ trainer/sasrec.py, trainer/layout.py): gradients, masks, candidates, layouts, scoring."""
 
 from __future__ import annotations
 
-import dataclasses
-
-import numpy as np
 import pytest
 import torch
 
+from trainer.layout import ModelInputError, build_layout
 from trainer.losses import GenerativeLoss, LossConfig, target_index
-from trainer.model import HSTUModel, ModelConfig, ModelInputError, build_layout, build_model, length_groups
+from trainer.model import HSTUModel, ModelConfig, bias_seconds, build_model
 
 SMALL = dict(dim=16, qk_dim=8, v_dim=8, num_heads=2, max_seq_len=24, num_actions=4, num_time_buckets=16)
 
@@ -28,7 +26,7 @@ def batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, ...]:
     n = int(offsets[-1])
     ids = torch.randint(1, 60, (n,), generator=g)
     actions = torch.randint(0, 4, (n,), generator=g)
-    ts = torch.cumsum(torch.randint(0, 5000, (n,), generator=g), 0)
+    ts = torch.cumsum(torch.randint(0, 5000, (n,), generator=g), 0) * 1000  # ms, whole seconds apart
     return offsets, ids, actions, ts
 
 
@@ -45,11 +43,19 @@ def test_gradients_reach_every_parameter(kw: dict) -> None:
     out = model.encode(rows, actions, ts, layout)
     loss_fn = GenerativeLoss(config=LossConfig(num_negatives=8, num_in_batch_negatives=4), table=model.table)
     losses = loss_fn(
-        out, layout=layout, rows=rows, actions=actions, targets=target_index(offsets, offsets[1:] - offsets[:-1]),
+        out,
+        layout=layout,
+        rows=rows,
+        actions=actions,
+        targets=target_index(offsets, offsets[1:] - offsets[:-1]),
         action_head=model.action_head,
     )
     losses["loss"].backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+    missing = [
+        n
+        for n, p in model.named_parameters()
+        if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0
+    ]
     assert missing == []
     assert ("ranking" in losses) == (kw.get("layout") == "interleaved")
 
@@ -73,13 +79,13 @@ def test_candidates_never_see_each_other_and_rank_in_one_pass() -> None:
     model = make(layout="interleaved", max_candidates=6).eval()
     offsets, ids, actions, ts = batch([7])
     cands = torch.tensor([3, 17, 29, 41])
-    together = model.rank(item_ids=ids, actions=actions, timestamps=ts, candidate_ids=cands)
+    together = model.rank(item_ids=ids, actions=actions, timestamps_ms=ts, candidate_ids=cands)
     alone = torch.cat(
-        [model.rank(item_ids=ids, actions=actions, timestamps=ts, candidate_ids=cands[i : i + 1]) for i in range(4)]
+        [model.rank(item_ids=ids, actions=actions, timestamps_ms=ts, candidate_ids=cands[i : i + 1]) for i in range(4)]
     )
     assert together.shape == (4, 4)
     assert torch.allclose(together, alone, atol=1e-5)
-    swapped = model.rank(item_ids=ids, actions=actions, timestamps=ts, candidate_ids=cands.flip(0))
+    swapped = model.rank(item_ids=ids, actions=actions, timestamps_ms=ts, candidate_ids=cands.flip(0))
     assert torch.allclose(swapped.flip(0), together, atol=1e-5)  # candidate order does not matter
 
 
@@ -91,24 +97,15 @@ def test_candidates_do_not_change_history_outputs() -> None:
     cand_offsets = torch.tensor([0, 2, 3])
     lay = model.layout(offsets, cand_offsets)
     with_c = model.encode(
-        rows, actions, ts, lay, candidate_rows=model.table.lookup(torch.tensor([8, 9, 10])),
-        candidate_timestamps=torch.full((3,), int(ts[-1])),
+        rows,
+        actions,
+        ts,
+        lay,
+        candidate_rows=model.table.lookup(torch.tensor([8, 9, 10])),
+        candidate_timestamps_ms=torch.full((3,), int(ts[-1])),
     )
     history_tokens = torch.cat([lay.item_token, lay.action_token]).sort().values
     assert torch.allclose(with_c[history_tokens], plain, atol=1e-6)
-
-
-@pytest.mark.parametrize("layout", ["items", "interleaved"])
-def test_length_groups_give_the_same_outputs(layout: str) -> None:
-    model = make(layout=layout, max_candidates=4).eval()
-    offsets, ids, actions, ts = batch([3, 20, 7, 25, 1, 12, 5])
-    rows = model.table.lookup(ids)
-    ungrouped = model.encode(rows, actions, ts, model.layout(offsets))
-    grouped_model = model
-    grouped_model.config = dataclasses.replace(model.config, attention_groups=3)
-    lay = grouped_model.layout(offsets)
-    assert len(lay.groups) == 3
-    assert torch.allclose(grouped_model.encode(rows, actions, ts, lay), ungrouped, atol=1e-5)
 
 
 def test_query_times_are_the_next_events_time() -> None:
@@ -134,18 +131,23 @@ def test_next_query_time_changes_outputs_only_through_the_next_time(layout: str)
     base = model.encode(rows, actions, ts, lay)
     ids2 = ids.clone()
     ids2[6] = 59 if ids[6] != 59 else 58  # a later item: causal as before
-    assert torch.allclose(model.encode(model.table.lookup(ids2), actions, ts, lay)[: int(lay.item_token[6])],
-                          base[: int(lay.item_token[6])], atol=1e-6)
+    assert torch.allclose(
+        model.encode(model.table.lookup(ids2), actions, ts, lay)[: int(lay.item_token[6])],
+        base[: int(lay.item_token[6])],
+        atol=1e-6,
+    )
     ts2 = ts.clone()
-    ts2[6:] += 10_000_000  # event 6 happens much later: event 5's query (and everything after) sees it
+    ts2[6:] += (
+        10_000_000_000  # event 6 (10^7 s later) happens much later: event 5's query (and everything after) sees it
+    )
     moved = model.encode(rows, actions, ts2, lay)
     q5 = int(lay.query_token[5])
     assert torch.allclose(moved[:q5], base[:q5], atol=1e-6)
     assert not torch.allclose(moved[q5], base[q5], atol=1e-6)
     # the request time drives the last query token; without one it is the last event's time
     last = int(lay.query_token[-1])
-    same = model.encode(rows, actions, ts, lay, request_timestamps=ts[-1:])
-    later = model.encode(rows, actions, ts, lay, request_timestamps=ts[-1:] + 10_000_000)
+    same = model.encode(rows, actions, ts, lay, request_timestamps_ms=ts[-1:])
+    later = model.encode(rows, actions, ts, lay, request_timestamps_ms=ts[-1:] + 10_000_000_000)
     assert torch.allclose(same, base, atol=1e-6)
     assert torch.allclose(later[:last], base[:last], atol=1e-6)
     assert not torch.allclose(later[last], base[last], atol=1e-6)
@@ -156,32 +158,28 @@ def test_rank_asks_at_the_candidates_time_under_next_query_time() -> None:
     model = make(layout="interleaved", max_candidates=4, query_time="next", num_time_buckets=64).eval()
     _, ids, actions, ts = batch([7])
     cands = torch.tensor([3, 17, 29])
-    when = torch.full((3,), int(ts[-1]) + 86_400)  # a day after the last event
-    default = model.rank(item_ids=ids, actions=actions, timestamps=ts, candidate_ids=cands, candidate_timestamps=when)
-    explicit = model.rank(item_ids=ids, actions=actions, timestamps=ts, candidate_ids=cands, candidate_timestamps=when,
-                          request_timestamps=when[:1])
-    at_last = model.rank(item_ids=ids, actions=actions, timestamps=ts, candidate_ids=cands, candidate_timestamps=when,
-                         request_timestamps=ts[-1:])
+    when = torch.full((3,), int(ts[-1]) + 86_400_000)  # a day after the last event
+    default = model.rank(
+        item_ids=ids, actions=actions, timestamps_ms=ts, candidate_ids=cands, candidate_timestamps_ms=when
+    )
+    explicit = model.rank(
+        item_ids=ids,
+        actions=actions,
+        timestamps_ms=ts,
+        candidate_ids=cands,
+        candidate_timestamps_ms=when,
+        request_timestamps_ms=when[:1],
+    )
+    at_last = model.rank(
+        item_ids=ids,
+        actions=actions,
+        timestamps_ms=ts,
+        candidate_ids=cands,
+        candidate_timestamps_ms=when,
+        request_timestamps_ms=ts[-1:],
+    )
     assert torch.allclose(default, explicit, atol=1e-6)
     assert not torch.allclose(default, at_last, atol=1e-6)
-
-
-def test_length_groups_carry_query_times() -> None:
-    model = make(query_time="next", num_time_buckets=64).eval()
-    offsets, ids, actions, ts = batch([3, 20, 7, 25, 1, 12, 5])
-    rows = model.table.lookup(ids)
-    request = ts[offsets[1:] - 1] + 777
-    ungrouped = model.encode(rows, actions, ts, model.layout(offsets), request_timestamps=request)
-    model.config = dataclasses.replace(model.config, attention_groups=3)
-    grouped = model.encode(rows, actions, ts, model.layout(offsets), request_timestamps=request)
-    assert torch.allclose(grouped, ungrouped, atol=1e-5)
-
-
-def test_length_groups_minimise_padding() -> None:
-    lengths = np.array([10, 1, 1, 1, 9, 2])
-    groups = length_groups(lengths, 2)
-    assert [sorted(g.tolist()) for g in groups] == [[1, 2, 3, 5], [0, 4]]
-    assert sorted(np.concatenate(length_groups(lengths, 10)).tolist()) == list(range(6))
 
 
 def test_interleaved_layout_indices() -> None:
@@ -198,7 +196,7 @@ def test_interleaved_layout_indices() -> None:
 def test_retrieve_returns_live_unseen_items() -> None:
     model = make().eval()
     _, ids, actions, ts = batch([6])
-    top, scores = model.retrieve(item_ids=ids, actions=actions, timestamps=ts, k=10)
+    top, scores = model.retrieve(item_ids=ids, actions=actions, timestamps_ms=ts, k=10)
     assert top.shape == (1, 10) and (scores[:, :-1] >= scores[:, 1:]).all()
     assert set(top[0].tolist()).isdisjoint(ids.tolist())
     assert set(top[0].tolist()) <= set(range(1, 60))
@@ -214,7 +212,13 @@ def test_input_errors() -> None:
     with pytest.raises(ModelInputError, match="raise model.max_candidates"):
         inter.layout(torch.tensor([0, 25]), torch.tensor([0, 3]))
     with pytest.raises(ModelInputError, match="equal length"):
-        model.retrieve(item_ids=torch.tensor([1, 2]), actions=torch.tensor([0]), timestamps=torch.tensor([1, 2]), k=3)
+        model.retrieve(
+            item_ids=torch.tensor([1, 2]), actions=torch.tensor([0]), timestamps_ms=torch.tensor([1, 2]), k=3
+        )
+
+
+def test_bias_seconds_is_the_one_unit_change() -> None:
+    assert bias_seconds(torch.tensor([0, 999, 1000, 1_700_000_000_123])).tolist() == [0, 0, 1, 1_700_000_000]
 
 
 def test_config_rejects_conflicts() -> None:

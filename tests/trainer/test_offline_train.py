@@ -9,13 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from infra.paths import REPO_ROOT
-from trainer.config import ConfigError, load_config
+from config.loader import ConfigError, load_config
+from config.paths import REPO_ROOT
+from features.sequence_batch import SequenceBatch
 from trainer.checkpoint import load_model
 from trainer.evaluate import metrics_from_ranks, retrieval_ranks
 from trainer.offline import OfflineConfig, run_offline
-from trainer.splits import EvalSet, leave_one_out, UserSequences
+from trainer.splits import EvalSet, leave_one_out
 
 CONFIGS = sorted((REPO_ROOT / "trainer" / "configs").glob("*.yaml"))
 TINY = [
@@ -40,12 +42,14 @@ def pattern_split(num_users: int = 64, num_items: int = 30, length: int = 14) ->
     starts = rng.integers(0, num_items, num_users)
     items = (starts[:, None] + np.arange(length)[None, :]) % num_items + 1
     n = num_users * length
-    seqs = UserSequences(
+    seqs = SequenceBatch(
         user_ids=np.arange(num_users, dtype=np.int64),
         offsets=np.arange(0, n + 1, length, dtype=np.int64),
         item_ids=items.reshape(-1).astype(np.int64),
         actions=np.zeros(n, dtype=np.int64),
-        timestamps=np.arange(n, dtype=np.int64) * 60,
+        timestamps_ms=np.arange(n, dtype=np.int64) * 60_000,
+        last_partition=np.full(num_users, -1, dtype=np.int64),
+        last_offset=np.full(num_users, -1, dtype=np.int64),
     )
     return leave_one_out(seqs)
 
@@ -86,8 +90,18 @@ def test_shipped_configs_reject_unknown_keys() -> None:
 @pytest.mark.slow
 def test_cli_runs_one_epoch_on_ml100k(tmp_path: Path) -> None:
     cmd = [
-        sys.executable, "-m", "trainer.offline_train", "--config", "trainer/configs/hstu.yaml", "--out", str(tmp_path),
-        "--no-progress", *TINY, "train.epochs=1", "train.batch_size=256", "train.save_checkpoints=false",
+        sys.executable,
+        "-m",
+        "trainer.offline_train",
+        "--config",
+        "trainer/configs/hstu.yaml",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+        *TINY,
+        "train.epochs=1",
+        "train.batch_size=256",
+        "train.save_checkpoints=false",
     ]
     done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -109,8 +123,9 @@ def test_diagnostic_test_curve_never_chooses_the_epoch(tmp_path: Path) -> None:
     base = [*TINY, "name=tiny", "train.epochs=4"]
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "diagnostic_ranks.npz").write_bytes(b"an earlier run's")  # must not survive the run
-    plain = run_offline(load_config(OfflineConfig, overrides=base), out_dir=tmp_path / "plain", progress=False,
-                        split=pattern_split())
+    plain = run_offline(
+        load_config(OfflineConfig, overrides=base), out_dir=tmp_path / "plain", progress=False, split=pattern_split()
+    )
     config = load_config(OfflineConfig, overrides=[*base, "train.diagnostic_test_curve=true"])
     results = run_offline(config, out_dir=tmp_path / "diag", progress=False, split=pattern_split())
     assert results["best_epoch"] == plain["best_epoch"] and results["test"] == plain["test"]
@@ -123,15 +138,35 @@ def test_diagnostic_test_curve_never_chooses_the_epoch(tmp_path: Path) -> None:
     assert curve["valid"][best].tolist() == results["ranks_at_best_epoch"]["valid"]
     for epoch, record in zip(curve["epoch"], results["epochs"]):
         assert metrics_from_ranks(curve["test_without_valid"][epoch - 1]) == pytest.approx(
-            record["diagnostic_test_without_valid"])
+            record["diagnostic_test_without_valid"]
+        )
     # test without valid, rebuilt by hand from the best checkpoint: the test targets ranked from the
     # training events (the validation context), the validation item left out of the ranking
     split = pattern_split()
     model, _ = load_model(tmp_path / "diag" / "best.safetensors")
-    by_hand = EvalSet(history=split.train, targets=split.test.targets, target_actions=split.test.target_actions,
-                      target_timestamps=split.test.target_timestamps)
+    by_hand = EvalSet(
+        history=split.train,
+        targets=split.test.targets,
+        target_actions=split.test.target_actions,
+        target_timestamps_ms=split.test.target_timestamps_ms,
+    )
     assert np.array_equal(split.valid.history.item_ids, split.train.item_ids)
     ranks = retrieval_ranks(model, by_hand, max_seq_len=12, exclude=split.test.history)
     assert ranks.tolist() == curve["test_without_valid"][best].tolist()
     assert ranks.tolist() != curve["test"][best].tolist()  # the validation event in the context matters
     assert not (tmp_path / "plain" / "diagnostic_ranks.npz").exists()
+
+
+def test_publish_puts_the_chosen_model_in_the_registry(tmp_path: Path) -> None:
+    from trainer.registry import Registry
+
+    config = load_config(OfflineConfig, overrides=[*TINY, "name=tiny", "train.epochs=2", "model.layout=interleaved"])
+    results = run_offline(
+        config, out_dir=tmp_path / "run", progress=False, split=pattern_split(), publish=tmp_path / "registry"
+    )
+    loaded = Registry(tmp_path / "registry").load()
+    assert loaded.version == 1 and loaded.manifest.metrics["test"] == results["test"]
+    assert loaded.manifest.info == {"trainer": "offline", "name": "tiny", "dataset": "ml-100k"}
+    best, _ = load_model(tmp_path / "run" / "best.safetensors")
+    for name, tensor in best.state_dict().items():
+        assert torch.equal(tensor, loaded.model.state_dict()[name]), name

@@ -2,7 +2,7 @@
 
 Every path the project uses is derived here, so a reader can find them in one place.
 
-    >>> from infra.paths import REPO_ROOT, state_dir, shared_data_dir
+    >>> from config.paths import REPO_ROOT, state_dir, shared_data_dir
     >>> (shared_data_dir() / "ml-100k" / "u.data.gz").exists()
     True
 """

@@ -6,7 +6,7 @@ starts: an unknown key, a missing required key or a value of the wrong type rais
 `ConfigError` naming the dotted key, the value and what is expected.
 
     >>> from dataclasses import dataclass, field
-    >>> from trainer.config import load_config
+    >>> from config.loader import load_config
     >>> @dataclass(frozen=True, kw_only=True)
     ... class Optim:
     ...     lr: float = 1e-3
@@ -36,6 +36,7 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 T = TypeVar("T")
+
 
 class ConfigError(ValueError):
     """A config file or override does not fit the dataclass it is loaded into."""
@@ -69,9 +70,7 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(
-            f"config file {str(path)!r} must hold a mapping at the top level, got {type(data).__name__}"
-        )
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level, got {type(data).__name__}")
     return data
 
 
@@ -126,8 +125,7 @@ def from_dict(cls: type[T], data: Any, *, where: str = "") -> T:
         key = unknown[0]
         full = f"{where}.{key}" if where else str(key)
         raise ConfigError(
-            f"unknown key {full!r} for {cls.__name__}: valid keys are {sorted(fields)}; "
-            "fix the spelling or remove it"
+            f"unknown key {full!r} for {cls.__name__}: valid keys are {sorted(fields)}; fix the spelling or remove it"
         )
     kwargs: dict[str, Any] = {}
     for name, fld in fields.items():
@@ -195,9 +193,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"key {key!r}: expected a mapping for {_type_name(tp)}, got {value!r}")
         key_tp, val_tp = args
-        return {
-            _convert(k, key_tp, f"{key}<key>"): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()
-        }
+        return {_convert(k, key_tp, f"{key}<key>"): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where=key)
     if tp is bool:

@@ -1,4 +1,4 @@
-"""trainer/config.py: YAML + overrides into frozen dataclasses, with errors that name the key."""
+"""config/loader.py: YAML + overrides into frozen dataclasses, with errors that name the key."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from trainer.config import ConfigError, load_config, parse_overrides, to_dict
+from config.loader import ConfigError, load_config, parse_overrides, to_dict
 
 
 @dataclass(frozen=True, kw_only=True)
