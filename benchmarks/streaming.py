@@ -49,10 +49,10 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from config.paths import state_dir
+from infra.producer import produce_at_rate, produce_log
 
 log = logging.getLogger("benchmarks.streaming")
 ML_ACTIONS = tuple(f"rate_{r}" for r in range(1, 6))
@@ -129,84 +129,15 @@ class RedisServer:
 # --- producing ---------------------------------------------------------------------------------------
 
 
-def produce_log(table: pa.Table, bootstrap: str, topic: str, partitions: int) -> float:
-    """Produce a recorded log into `topic` (each record to its recorded partition, with its
-    recorded timestamp) with confluent-kafka; returns events/s. Raises if any delivery failed."""
-    from confluent_kafka import Producer
-
-    from infra.kafka.broker import TopicSpec, ensure_topics
-
-    ensure_topics(bootstrap, (TopicSpec(name=topic, partitions=partitions),))
-    producer = Producer(
-        {
-            "bootstrap.servers": bootstrap,
-            "linger.ms": 50,
-            "batch.size": 1 << 20,
-            "queue.buffering.max.messages": 1_000_000,
-            "acks": 1,
-        }
-    )
-    failed: list = []
-
-    def delivered(err, msg) -> None:
-        if err is not None:
-            failed.append(err)
-
-    part = table.column("partition").to_pylist()
-    keys, values = table.column("key").to_pylist(), table.column("value").to_pylist()
-    stamps = table.column("timestamp_ms").to_pylist()
-    t0 = time.monotonic()
-    for i in range(table.num_rows):
-        while True:
-            try:
-                producer.produce(
-                    topic, value=values[i], key=keys[i], partition=part[i], timestamp=stamps[i], on_delivery=delivered
-                )
-                break
-            except BufferError:  # the local queue is full: let deliveries drain
-                producer.poll(0.1)
-        if i % 50_000 == 0:
-            producer.poll(0)
-    left = producer.flush(600)
-    if left or failed:
-        raise RuntimeError(f"producing {topic}: {left} records undelivered, {len(failed)} failed ({failed[:1]})")
-    rate = table.num_rows / (time.monotonic() - t0)
-    log.info("produced %d events into %s at %.0f events/s", table.num_rows, topic, rate)
-    return rate
-
-
 def _paced_producer(
     bootstrap: str, topic: str, rate: float, seconds: float, num_users: int, seed: int, out: mp.Queue
 ) -> None:
-    """Send synthetic events at `rate`/s for `seconds`; the record timestamp is the send time."""
-    from kafka import KafkaProducer
-
-    from streaming.events import encode_values
-
-    rng = np.random.default_rng(seed)
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=20)
-    n = int(rate * seconds)
-    users = rng.integers(1, num_users + 1, size=n)
-    keys = [b"%d" % u for u in users.tolist()]
-    values = encode_values(
-        users,
-        rng.integers(1, 50_000, size=n),
-        [SYN_ACTIONS[i] for i in rng.integers(0, 5, size=n)],
-        np.full(n, int(time.time() * 1000)),
+    """`infra.producer.produce_at_rate` in its own process; the record timestamp is the send time."""
+    out.put(
+        produce_at_rate(
+            bootstrap, topic, rate=rate, seconds=seconds, num_users=num_users, seed=seed, actions=SYN_ACTIONS
+        )
     )
-    t0 = time.monotonic()
-    step = 50  # events per tick
-    for i in range(0, n, step):
-        due = t0 + i / rate
-        wait = due - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
-        now_ms = int(time.time() * 1000)
-        for j in range(i, min(i + step, n)):
-            producer.send(topic, key=keys[j], value=values[j], timestamp_ms=now_ms)
-    producer.flush()
-    producer.close()
-    out.put({"events": n, "seconds": time.monotonic() - t0})
 
 
 # --- the job -----------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ copy of the rest per reply (50k HMGET replies, 11 MB: ~2 s, against ~0.03-0.08 s
 from __future__ import annotations
 
 import socket
+import ssl
+from collections.abc import Callable
 
 _FEED = 1024  # bytes handed to hiredis per feed (see the module docstring)
 _RECV = 1 << 20
@@ -23,6 +25,10 @@ _RECV = 1 << 20
 
 class RedisReplyError(RuntimeError):
     """A command of a pipelined round trip got an error reply (all its replies were read)."""
+
+
+class RedisAuthError(RedisReplyError):
+    """The server refused the AUTH command (wrong password or user): never retried."""
 
 
 class RedisBusyError(RedisReplyError, ConnectionError):
@@ -45,19 +51,57 @@ def resp_command(args: list[bytes]) -> bytes:
 
 
 class RedisPipe:
-    """One TCP connection to a Redis server, opened on first use and reopened after a failure."""
+    """One TCP connection to a Redis server, opened on first use and reopened after a failure.
 
-    def __init__(self, host: str, port: int, *, timeout_s: float = 60.0) -> None:
+    tls: wrap the connection in this TLS context (features/redis_security.py `ssl_context`).
+    auth: returns the AUTH command to send first on every new connection, or None; called at
+      connect time, so the password is read then and kept nowhere here.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout_s: float = 60.0,
+        tls: ssl.SSLContext | None = None,
+        auth: Callable[[], list[bytes] | None] | None = None,
+    ) -> None:
         self.address = (host, port)
         self.timeout_s = timeout_s
+        self._tls = tls
+        self._auth = auth
         self._sock: socket.socket | None = None
 
     def _connect(self) -> socket.socket:
         if self._sock is None:
             sock = socket.create_connection(self.address, timeout=self.timeout_s)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                if self._tls is not None:
+                    sock = self._tls.wrap_socket(sock, server_hostname=self.address[0])
+                command = self._auth() if self._auth is not None else None
+                if command is not None:
+                    self._authenticate(sock, command)
+            except BaseException:
+                sock.close()
+                raise
             self._sock = sock
         return self._sock
+
+    def _authenticate(self, sock: socket.socket, command: list[bytes]) -> None:
+        import hiredis
+
+        sock.sendall(resp_command(command))
+        reader = hiredis.Reader()
+        while (reply := reader.gets()) is False:
+            data = sock.recv(_RECV)
+            if not data:
+                raise ConnectionError(f"redis at {self.address[0]}:{self.address[1]} closed the connection on AUTH")
+            reader.feed(data)
+        if isinstance(reply, hiredis.ReplyError):
+            # The reply names the problem (WRONGPASS, or AUTH without a password configured), never the password.
+            raise RedisAuthError(f"redis at {self.address[0]}:{self.address[1]} refused AUTH: {reply}")
 
     def round_trip(self, payload: bytes, num_replies: int) -> list:
         """Send `payload` (pipelined commands in RESP, any bytes-like object) and return its `num_replies` replies in
@@ -85,6 +129,9 @@ class RedisPipe:
             if len(replies) > num_replies or reader.has_data():
                 raise ConnectionError(f"more than {num_replies} replies to {num_replies} commands: out of step")
         except (ConnectionError, TimeoutError):
+            self.close()
+            raise
+        except ssl.SSLCertVerificationError:  # an OSError, but no retry fixes it
             self.close()
             raise
         except OSError as exc:  # unreachable host, name lookup, ...: a connection failure too

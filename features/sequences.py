@@ -37,7 +37,8 @@ import fcntl
 import logging
 import os
 import sqlite3
-from dataclasses import dataclass
+import ssl
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -50,10 +51,11 @@ from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
 from config.paths import state_dir
-from features import online_rows
+from features import online_rows, redis_security
 from features.definitions import FEATURES, SEQUENCE_FEATURES, USER_ID, USER_SEQUENCE, feast_objects
 from features.online_rows import RowLayoutError, SequenceStoreError
 from features.redis_pipe import RedisPipe
+from features.redis_security import RedisSecurityConfig, RedisSecurityError
 from features.sequence_batch import SequenceBatch, SequenceBatchError
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,8 @@ class SequenceStoreConfig:
     max_len: the longest sequence `write_many` accepts (the streaming job's rolling window).
     online_store: "sqlite" (default, a file under the state folder) or "redis".
     redis_address: "host:port" of the Redis server when online_store is "redis".
+    redis_security: its password (from an environment variable or a file) and TLS
+      (features/redis_security.py); none by default.
     state_dir: the folder that holds the Feast repository (registry, SQLite file, offline
       files); None means `config.paths.state_dir("feast")`. Each online store gets a subfolder.
     bulk_io: write and read the rows with features/online_rows.py (the same bytes, built and
@@ -84,6 +88,7 @@ class SequenceStoreConfig:
     redis_address: str = "127.0.0.1:6379"
     state_dir: Path | None = None
     bulk_io: bool = True
+    redis_security: RedisSecurityConfig = field(default_factory=RedisSecurityConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_len, int) or isinstance(self.max_len, bool) or self.max_len < 1:
@@ -128,6 +133,8 @@ class SequenceStore:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yaml_path = self._write_repo_config()
             store = FeatureStore(repo_path=str(self.repo_dir), fs_yaml_file=yaml_path)
+            if self.config.online_store == "redis":
+                self._give_feast_a_client(store)
             try:
                 store.apply(feast_objects().all())
             except (OSError, ValueError, sqlite3.Error) as error:
@@ -163,16 +170,46 @@ class SequenceStore:
             return ts.SerializeToString()
 
         host, _, port = self.config.redis_address.rpartition(":")
-        return online_rows.RedisRows(
-            RedisPipe(host, int(port)), store.config.project, view.name, serialize_one, _mmh3, timestamp_bytes
+        security = self.config.redis_security
+        pipe = RedisPipe(
+            host,
+            int(port),
+            tls=redis_security.ssl_context(security),
+            auth=lambda: redis_security.auth_command(security),
         )
+        return online_rows.RedisRows(pipe, store.config.project, view.name, serialize_one, _mmh3, timestamp_bytes)
+
+    def _redis_client(self) -> redis.Redis:
+        host, _, port = self.config.redis_address.rpartition(":")
+        return redis.Redis(
+            host=host,
+            port=int(port),
+            socket_connect_timeout=5,
+            **redis_security.redis_kwargs(self.config.redis_security),
+        )
+
+    def _give_feast_a_client(self, store: FeatureStore) -> None:
+        """Feast's Redis store builds its client from `connection_string`, which would have to hold
+        the password (in the repository's YAML, in Feast's config object); hand it a client built
+        here instead, with the password read from where the config says."""
+        if not self.config.redis_security.auth:
+            return
+        online = store._get_provider().online_store
+        if not hasattr(online, "_client"):  # pragma: no cover - Feast is pinned (<0.68)
+            raise SequenceStoreError(
+                f"this Feast version's Redis store ({type(online).__name__}) takes no client: a Redis "
+                "password cannot be passed without writing it into its config"
+            )
+        online._client = self._redis_client()
 
     def _write_repo_config(self) -> Path:
         """Copy features/feature_store*.yaml into repo_dir (with redis_address); return its path."""
         template = FEATURES_DIR / CONFIG_FILES[self.config.online_store]
         raw = yaml.safe_load(template.read_text())
         if self.config.online_store == "redis":
-            raw["online_store"]["connection_string"] = self.config.redis_address
+            raw["online_store"]["connection_string"] = (
+                self.config.redis_address + redis_security.feast_connection_params(self.config.redis_security)
+            )
         text = f"# Written by features/sequences.py from features/{template.name}; edit that.\n" + yaml.safe_dump(
             raw, sort_keys=False
         )
@@ -185,11 +222,35 @@ class SequenceStore:
 
     def _check_redis(self) -> None:
         # Feast connects lazily, on the first read or write; fail here, with the fix, instead.
-        host, _, port = self.config.redis_address.rpartition(":")
-        client = redis.Redis(host=host, port=int(port), socket_connect_timeout=5)
+        _, _, port = self.config.redis_address.rpartition(":")
+        security = self.config.redis_security
+        client = self._redis_client()
         try:
             client.ping()
+        except (redis.exceptions.AuthenticationError, redis.exceptions.AuthenticationWrongNumberOfArgsError) as error:
+            fix = (
+                f"check the password in {redis_security.describe(security)}"
+                if security.auth
+                else "set feast.redis_security.password_env (e.g. HSTU_REDIS_PASSWORD) or password_file"
+            )
+            raise RedisSecurityError(
+                f"authentication failed: Redis at {self.config.redis_address} refused the connection ({error}): {fix}"
+            ) from None
+        except redis.exceptions.ResponseError as error:
+            if "NOAUTH" in str(error) or "WRONGPASS" in str(error):
+                raise RedisSecurityError(
+                    f"authentication failed: Redis at {self.config.redis_address} ({error}): set "
+                    "feast.redis_security.password_env or password_file"
+                ) from None
+            raise SequenceStoreError(f"Redis at {self.config.redis_address}: {error}") from error
         except redis.exceptions.RedisError as error:
+            if isinstance(error.__cause__ or error.__context__, ssl.SSLCertVerificationError) or "certificate" in str(
+                error
+            ):
+                raise RedisSecurityError(
+                    f"TLS to Redis at {self.config.redis_address} failed ({error}): set "
+                    "feast.redis_security.ca_file to the CA that signed its certificate"
+                ) from None
             raise SequenceStoreError(
                 f"Redis at {self.config.redis_address} is not reachable ({error}): start it "
                 f"(redis-server --port {port}), set redis_address to a running server, or use "

@@ -40,6 +40,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from config.loader import ConfigError
+from infra.kafka.client_args import add_security_arguments, security_from_args
+from streaming.kafka_security import KafkaSecurityConfig, KafkaSecurityError, kafka_python_kwargs, raise_if_refused
 from streaming.log_source import KafkaBatch
 from streaming.recorded_log import LOG_SCHEMA, RecordedLog, RecordedLogError, read_log, write_log
 
@@ -87,10 +90,11 @@ def default_bootstrap() -> str:
     return info.bootstrap
 
 
-def _consumer(bootstrap: str):
+def _consumer(bootstrap: str, security: KafkaSecurityConfig | None = None):
     from kafka import KafkaConsumer
 
     return KafkaConsumer(
+        **kafka_python_kwargs(security),
         bootstrap_servers=bootstrap,
         group_id=None,
         enable_auto_commit=False,
@@ -101,8 +105,8 @@ def _consumer(bootstrap: str):
     )
 
 
-def _topic_partitions(consumer, bootstrap: str, topic: str) -> list[int]:
-    if _partition_count(bootstrap, topic) is None:
+def _topic_partitions(consumer, bootstrap: str, topic: str, security: KafkaSecurityConfig | None = None) -> list[int]:
+    if _partition_count(bootstrap, topic, security) is None:
         raise RecordedLogError(f"topic {topic!r} does not exist on the broker at {bootstrap}")
     deadline = time.monotonic() + 15
     while True:
@@ -134,6 +138,7 @@ def iter_partition_batches(
     start_offset: int | None = None,
     end_offset: int | None = None,
     timeout_s: float = 60.0,
+    security: KafkaSecurityConfig | None = None,
 ) -> Iterator[KafkaBatch]:
     """Read partition `partition` of `topic` from the broker in batches of exactly `max_events`
     (the last may be shorter): the broker-side twin of LogPartition.next_batch.
@@ -145,9 +150,9 @@ def iter_partition_batches(
 
     if max_events < 1:
         raise RecordedLogError(f"max_events ({max_events}) must be >= 1")
-    consumer = _consumer(bootstrap)
+    consumer = _consumer(bootstrap, security)
     try:
-        if partition not in _topic_partitions(consumer, bootstrap, topic):
+        if partition not in _topic_partitions(consumer, bootstrap, topic, security):
             raise RecordedLogError(f"topic {topic!r} has no partition {partition}")
         tp = TopicPartition(topic, partition)
         consumer.assign([tp])
@@ -193,6 +198,7 @@ def read_topic(
     to_offset: int | None = None,
     progress: bool = True,
     timeout_s: float = 60.0,
+    security: KafkaSecurityConfig | None = None,
 ) -> pa.Table:
     """Consume offsets [from_offset, to_offset) of each partition (default: all there is now) into
     a table in the recorded-log schema, partition by partition in offset order."""
@@ -204,6 +210,7 @@ def read_topic(
         to_offset=to_offset,
         progress=progress,
         timeout_s=timeout_s,
+        security=security,
     )[0]
 
 
@@ -216,12 +223,13 @@ def _read_topic(
     to_offset: int | None,
     progress: bool,
     timeout_s: float,
+    security: KafkaSecurityConfig | None = None,
 ) -> tuple[pa.Table, int]:
     from kafka import TopicPartition
 
-    consumer = _consumer(bootstrap)
+    consumer = _consumer(bootstrap, security)
     try:
-        all_parts = _topic_partitions(consumer, bootstrap, topic)
+        all_parts = _topic_partitions(consumer, bootstrap, topic, security)
         parts = all_parts if partitions is None else list(partitions)
         unknown = sorted(set(parts) - set(all_parts))
         if unknown:
@@ -280,6 +288,7 @@ def record_topic(
     from_offset: int | None = None,
     to_offset: int | None = None,
     progress: bool = True,
+    security: KafkaSecurityConfig | None = None,
 ) -> TransferResult:
     """Dump offsets [from_offset, to_offset) of `topic` (all partitions unless given) to a log file."""
     t0 = time.monotonic()
@@ -291,17 +300,18 @@ def record_topic(
         to_offset=to_offset,
         progress=progress,
         timeout_s=60.0,
+        security=security,
     )
     write_log(table, out, num_partitions=num_partitions)
     return TransferResult(count=table.num_rows, seconds=time.monotonic() - t0, topic=topic)
 
 
-def _partition_count(bootstrap: str, topic: str) -> int | None:
+def _partition_count(bootstrap: str, topic: str, security: KafkaSecurityConfig | None = None) -> int | None:
     """The topic's partition count, None when it does not exist (asks the admin API, which
     unlike producer metadata never auto-creates a topic)."""
     from kafka import KafkaAdminClient
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15_000, **kafka_python_kwargs(security))
     try:
         if topic not in set(admin.list_topics()):
             return None
@@ -339,6 +349,7 @@ def replay_log(
     speedup: float | None = None,
     create_topic: bool = True,
     progress: bool = True,
+    security: KafkaSecurityConfig | None = None,
 ) -> TransferResult:
     """Produce every record of the log into `topic` (default: the log's own topic), to the same
     partition, with the same key, value and timestamp, keeping each partition's order.
@@ -355,10 +366,11 @@ def replay_log(
     topic = topic or log_.topic
     if not topic:
         raise RecordedLogError("the log has no topic name (it is empty): pass topic=")
-    existing = _partition_count(bootstrap, topic)
+    raise_if_refused(bootstrap, security)
+    existing = _partition_count(bootstrap, topic, security)
     if existing is None and create_topic:
-        ensure_topics(bootstrap, (TopicSpec(name=topic, partitions=log_.num_partitions),))
-        existing = _partition_count(bootstrap, topic)
+        ensure_topics(bootstrap, (TopicSpec(name=topic, partitions=log_.num_partitions),), security=security)
+        existing = _partition_count(bootstrap, topic, security)
     if existing is None:
         raise RecordedLogError(f"topic {topic!r} does not exist: create it, or let replay create it")
     if existing < log_.num_partitions:
@@ -374,6 +386,7 @@ def replay_log(
         batch_size=1024 * 1024,
         max_request_size=16 * 1024 * 1024,
         request_timeout_ms=30_000,
+        **kafka_python_kwargs(security),
     )
     try:
         order, due = _send_order(log_, speedup)
@@ -436,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     p_rep.add_argument("--topic", help="target topic (default: the log's own)")
     p_rep.add_argument("--speedup", type=float, help="keep the original pacing, this many times faster")
     p_rep.add_argument("--no-create", action="store_true", help="fail instead of creating a missing topic")
+    for sub_parser in (p_rec, p_rep):
+        add_security_arguments(sub_parser)
     p_info = sub.add_parser("info", help="validate a log file and summarise it")
     p_info.add_argument("path")
     args = parser.parse_args(argv)
@@ -453,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         bootstrap = args.bootstrap or default_bootstrap()
+        security = security_from_args(args)
         if args.command == "record":
             parts = None
             if args.partitions:
@@ -469,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
                 partitions=parts,
                 from_offset=args.from_offset,
                 to_offset=args.to_offset,
+                security=security,
             )
             print(
                 f"recorded {res.count:,} records of {res.topic!r} to {args.out} "
@@ -476,10 +493,15 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             res = replay_log(
-                args.log, bootstrap=bootstrap, topic=args.topic, speedup=args.speedup, create_topic=not args.no_create
+                args.log,
+                bootstrap=bootstrap,
+                topic=args.topic,
+                speedup=args.speedup,
+                create_topic=not args.no_create,
+                security=security,
             )
             print(f"replayed {res.count:,} records into {res.topic!r} in {res.seconds:.1f} s ({res.rate:,.0f}/s)")
-    except (RecordedLogError, BrokerError, KafkaError) as exc:
+    except (RecordedLogError, BrokerError, KafkaError, KafkaSecurityError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

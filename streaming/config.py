@@ -20,6 +20,8 @@ from typing import Literal
 
 from config.loader import ConfigError, load_config
 from config.paths import REPO_ROOT, state_dir
+from features.redis_security import RedisSecurityConfig
+from streaming.kafka_security import KafkaSecurityConfig
 
 CONFIG_DIR = REPO_ROOT / "streaming" / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
@@ -69,23 +71,25 @@ class FeastConfig:
 
     online_store: Literal["sqlite", "redis"] = "sqlite"
     redis_address: str = "127.0.0.1:6379"
+    # Password (from an environment variable or a file) and TLS of the Redis server.
+    redis_security: RedisSecurityConfig = field(default_factory=RedisSecurityConfig)
     state_dir: Path | None = None  # None: the checkout's .state/feast/
     bulk_io: bool = True  # rows built and parsed with numpy (features/online_rows.py), same bytes
 
 
 @dataclass(frozen=True, kw_only=True)
 class FeedConfig:
-    """The training feed. No consumers means no feed: offsets then wait only for the sinks.
+    """The training feed (streaming/training_feed.py): off unless a trainer reads it.
 
-    consumers: names of the consumers that must acknowledge every micro-batch.
-    capacity: micro-batches handed out but not yet acknowledged by all consumers; when this many
-      are outstanding the job waits (and Kafka holds the rest).
-    actor_name / namespace: where consumers find the buffer (`ray.get_actor(actor_name,
-      namespace=namespace)`).
+    enabled: put every micro-batch's training examples into the named feed actor. The job never
+      waits for the trainer: the feed coalesces what is not trained yet, per user.
+    max_users: bound on the users with untrained events the feed holds; past it, the users
+      waiting longest are dropped and their events counted as untrained.
+    actor_name / namespace: where trainers find it (`ray.get_actor(actor_name, namespace=namespace)`).
     """
 
-    consumers: tuple[str, ...] = ()
-    capacity: int = 4
+    enabled: bool = False
+    max_users: int = 1_000_000
     actor_name: str = "hstu-training-feed"
     namespace: str = "hstu"
 
@@ -102,6 +106,8 @@ class KafkaReadConfig:
     reader: "confluent-kafka" (default: our range datasource on confluent-kafka),
       "kafka-python" (the same on kafka-python, ~5x slower here) or "ray-read-kafka", Ray Data's
       own `ray.data.read_kafka` (see streaming/kafka_source.py).
+    security: TLS and SASL of every Kafka client of the job (streaming/kafka_security.py);
+      PLAINTEXT, without authentication, by default.
     """
 
     reader: Literal["confluent-kafka", "kafka-python", "ray-read-kafka"] = "confluent-kafka"
@@ -109,6 +115,16 @@ class KafkaReadConfig:
     read_timeout_s: float = 20.0
     request_timeout_ms: int = 15_000
     max_partition_fetch_bytes: int = 8 * 1024 * 1024
+    security: KafkaSecurityConfig = field(default_factory=KafkaSecurityConfig)
+
+    def __post_init__(self) -> None:
+        if self.reader == "ray-read-kafka" and self.security.protocol != "PLAINTEXT":
+            # read_kafka takes the credentials as task arguments, which Ray serializes and
+            # stores: a password would leave the process that read it.
+            raise JobConfigError(
+                f"kafka.reader ray-read-kafka cannot read from a {self.security.protocol} broker without putting "
+                "the password into Ray's task arguments: use reader confluent-kafka or kafka-python"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +150,9 @@ class StreamJobConfig:
     read_ahead: while behind (a batch capped at max_batch_events), read the next range (to the
       partitions' ends then) in a background thread while this batch is applied
       (streaming/pipeline.py). Caught up, batches keep their `interval_s` pacing.
+    max_events_per_s: pace the job at most at this rate (batches of at most max_events_per_s *
+      interval_s events, then a wait): to replay a recorded log at a steady rate. null: as fast as
+      it goes.
     freshness_clock: what the freshness of an event (its record timestamp to its Feast write) is
       measured against. "wall": the wall clock, for live producers (record timestamps are when
       they sent the event). "log": the log's own clock, the newest record timestamp applied so
@@ -160,6 +179,7 @@ class StreamJobConfig:
     stop_when_idle: bool = False
     max_batches: int | None = None
     read_ahead: bool = True
+    max_events_per_s: float | None = None
     freshness_clock: Literal["wall", "log"] = "wall"
     sequence_cache_events: int = 5_000_000
     progress_every_s: float = 5.0
@@ -192,7 +212,7 @@ class StreamJobConfig:
                 self.max_consecutive_failures >= 1,
                 "at least 1",
             ),
-            ("feed.capacity", self.feed.capacity, self.feed.capacity >= 1, "at least 1"),
+            ("feed.max_users", self.feed.max_users, self.feed.max_users >= 1, "at least 1"),
             ("kafka.read_timeout_s", self.kafka.read_timeout_s, self.kafka.read_timeout_s > 0, "> 0"),
             ("ray.num_cpus", self.ray.num_cpus, self.ray.num_cpus >= 1, "at least 1"),
             ("ray.object_store_mb", self.ray.object_store_mb, self.ray.object_store_mb >= 80, "at least 80"),
@@ -200,12 +220,12 @@ class StreamJobConfig:
         for name, value, ok, want in checks:
             if not ok:
                 raise JobConfigError(f"{name} ({value!r}) must be {want}")
+        if self.max_events_per_s is not None and self.max_events_per_s <= 0:
+            raise JobConfigError(f"max_events_per_s ({self.max_events_per_s}) must be > 0, or null for no pacing")
         if self.max_batches is not None and self.max_batches < 1:
             raise JobConfigError(f"max_batches ({self.max_batches}) must be at least 1, or null for no limit")
         if self.max_future_skew_ms is not None and self.max_future_skew_ms < 0:
             raise JobConfigError(f"max_future_skew_ms ({self.max_future_skew_ms}) must be >= 0, or null to turn it off")
-        if len(set(self.feed.consumers)) != len(self.feed.consumers) or not all(self.feed.consumers):
-            raise JobConfigError(f"feed.consumers {list(self.feed.consumers)} must be distinct, non-empty names")
         if not self.group_id or "/" in self.group_id:
             raise JobConfigError(f"group_id ({self.group_id!r}) must be a non-empty name without '/'")
         if not self.actions:

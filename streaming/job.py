@@ -3,13 +3,18 @@
     python -m streaming.job --source kafka://127.0.0.1:9092/engagements --interval 1 \\
         --batch-size 50000 --max-len 200
     python -m streaming.job --source log://.state/logs/ml-100k.parquet --until-idle
-    python -m streaming.job --config streaming/configs/synthetic_redis.yaml feed.consumers=[trainer]
+    python -m streaming.job --config streaming/configs/synthetic_redis.yaml feed.enabled=true
 
 Flags override the config file (default streaming/configs/default.yaml), and `key=value`
 arguments override both (any field of streaming.config.StreamJobConfig, dotted for nested ones).
 A progress line (events/s, lag, freshness) goes to stderr every `progress_every_s`; the run's
 summary is printed as one JSON line on stdout when it ends. SIGTERM or Ctrl-C finishes the batch
-in hand, commits what is durable, and exits 0. Exit code 2: a bad config; 1: the job failed.
+in hand, commits what is durable, and exits 0. Exit code 2: a bad config; 1: the job failed; 3:
+a broker or Redis server refused this job (wrong or missing credentials, TLS that does not match),
+which no retry fixes: one `error: authentication failed: ...` line on stderr says why.
+
+Kafka TLS/SASL and the Redis password are set under `kafka.security` and
+`feast.redis_security` (streaming/kafka_security.py, features/redis_security.py).
 
 `--crash-at POINT[@N]` SIGKILLs the job the N-th time it reaches POINT (fault-injection tests;
 points in streaming.pipeline.CRASH_POINTS).
@@ -24,7 +29,10 @@ from collections.abc import Sequence
 
 from config.loader import ConfigError
 from config.logs import setup_logging
+from features.redis_pipe import RedisAuthError
+from features.redis_security import RedisSecurityError
 from streaming.config import DEFAULT_CONFIG, load_job_config
+from streaming.kafka_security import KafkaSecurityError
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -66,7 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     job = StreamJob(config, crash=crash, handle_signals=True)
-    summary = job.run()
+    try:
+        summary = job.run()
+    except (KafkaSecurityError, RedisSecurityError, RedisAuthError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 3
     print(json.dumps(summary.to_dict()), flush=True)
     return 0 if summary.stopped_by != "error" else 1
 

@@ -48,6 +48,7 @@ import numpy as np
 import pyarrow as pa
 
 from streaming.config import KafkaReadConfig
+from streaming.kafka_security import KafkaAuthenticationError, confluent_config, kafka_python_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ def _consumer(bootstrap: str, config: KafkaReadConfig):
         fetch_max_bytes=max(64 * 1024 * 1024, config.max_partition_fetch_bytes),
         request_timeout_ms=max(config.request_timeout_ms, 11_000),
         reconnect_backoff_max_ms=1000,
+        **kafka_python_kwargs(config.security),
     )
 
 
@@ -142,7 +144,8 @@ def read_partition_range(
         consumer.close(autocommit=False)
 
 
-def _confluent_consumer(bootstrap: str, config: KafkaReadConfig):
+def _confluent_consumer(bootstrap: str, config: KafkaReadConfig, errors: list | None = None):
+    """errors: gets the client's errors (error_cb), for the reader to see a refused login."""
     from confluent_kafka import Consumer
 
     return Consumer(
@@ -159,6 +162,8 @@ def _confluent_consumer(bootstrap: str, config: KafkaReadConfig):
             "socket.timeout.ms": max(config.request_timeout_ms, 10_000),
             "reconnect.backoff.max.ms": 1000,
             "log_level": 3,  # errors only: a restarting broker is reported by our own timeout
+            **({"error_cb": errors.append} if errors is not None else {}),
+            **confluent_config(config.security),
         }
     )
 
@@ -172,7 +177,8 @@ def read_partition_range_confluent(
 
     if start >= end:
         return RECORD_SCHEMA.empty_table()
-    consumer = _confluent_consumer(bootstrap, config)
+    client_errors: list = []
+    consumer = _confluent_consumer(bootstrap, config, client_errors)
     try:
         consumer.assign([TopicPartition(topic, partition, start)])
         offsets: list[int] = []
@@ -189,6 +195,11 @@ def read_partition_range_confluent(
                 # by our timeout below); a missing topic or a fatal error is not.
                 if err.fatal() or err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
                     raise KafkaSourceError(f"{topic}[{partition}]: {err.str()}")
+            for err in client_errors:
+                if err.code() == KafkaError._AUTHENTICATION:
+                    raise KafkaAuthenticationError(
+                        f"authentication failed reading {topic}[{partition}] from {bootstrap}: {err.str()}"
+                    )
             if got:
                 last_progress = time.monotonic()
                 if got[-1].offset() >= end:

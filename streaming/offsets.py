@@ -10,15 +10,16 @@ to read. Two stores keep the committed offsets:
 
 `CommitFrontier` decides what may be committed. Micro-batches are registered in order with the
 offsets they end at; each is marked durable (sequences in Feast, events in the offline store,
-dead letters flushed) and, when a training feed is attached, acknowledged by every consumer.
-The frontier is the end of the longest prefix of batches that are both, so a commit never runs
-ahead of anything derived from the events, and a crash at any point replays from the frontier:
+dead letters flushed). The frontier is the end of the longest prefix of durable batches, so a
+commit never runs ahead of anything derived from the events, and a crash at any point replays
+from the frontier:
 
     >>> f = CommitFrontier({0: 0, 1: 0})
     >>> f.add_batch(1, {0: 10, 1: 7}); f.add_batch(2, {0: 20, 1: 9})
-    >>> f.mark_durable(1); f.mark_durable(2); f.mark_acked_through(1)
-    >>> f.committable()
-    {0: 10, 1: 7}
+    >>> f.mark_durable(2); f.committable() is None        # batch 1 first
+    True
+    >>> f.mark_durable(1); f.committable()
+    {0: 20, 1: 9}
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from streaming.kafka_security import KafkaSecurityConfig, kafka_python_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +128,15 @@ class KafkaGroupOffsets:
     group as a "simple consumer" commit, which the broker accepts while the group has no members.
     """
 
-    def __init__(self, bootstrap: str, topic: str, group_id: str, *, request_timeout_ms: int = 15_000) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        group_id: str,
+        *,
+        request_timeout_ms: int = 15_000,
+        security: KafkaSecurityConfig | None = None,
+    ) -> None:
         from kafka import KafkaConsumer
 
         self.topic = topic
@@ -137,6 +148,7 @@ class KafkaGroupOffsets:
             enable_auto_commit=False,
             request_timeout_ms=max(request_timeout_ms, 11_000),
             reconnect_backoff_max_ms=1000,
+            **kafka_python_kwargs(security),
         )
 
     def committed(self, partitions: list[int]) -> Offsets:
@@ -171,16 +183,14 @@ class _Pending:
 
 class CommitFrontier:
     """The offsets that may be committed: the end of the longest prefix of registered batches that
-    are durable and acknowledged by the training feed (acknowledgement is implied when the job has
-    no feed: pass `needs_ack=False`)."""
+    are durable. (Training never holds a commit back: the trainer keeps its own offsets in its
+    checkpoints, streaming/training_feed.py.)"""
 
-    def __init__(self, start: Offsets, *, needs_ack: bool = True) -> None:
+    def __init__(self, start: Offsets) -> None:
         self._committed = dict(start)
         self._frontier = dict(start)
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
-        self._acked_through = -1
         self._last_batch = -1
-        self._needs_ack = needs_ack
 
     def add_batch(self, batch_id: int, end: Offsets) -> None:
         if batch_id <= self._last_batch:
@@ -192,15 +202,10 @@ class CommitFrontier:
         self._pending[batch_id].durable = True
         self._advance()
 
-    def mark_acked_through(self, batch_id: int) -> None:
-        """Every consumer has acknowledged every batch up to and including `batch_id`."""
-        self._acked_through = max(self._acked_through, batch_id)
-        self._advance()
-
     def _advance(self) -> None:
         while self._pending:
             batch_id, pending = next(iter(self._pending.items()))
-            if not pending.durable or (self._needs_ack and batch_id > self._acked_through):
+            if not pending.durable:
                 return
             self._frontier.update(pending.end)
             self._pending.popitem(last=False)

@@ -3,7 +3,7 @@
 One iteration:
 
 1. plan a bounded range from the job's position to each partition's current end, capped at
-   `max_batch_events` (streaming/sources.py); wait first if the training feed is full;
+   `max_batch_events` (streaming/sources.py);
 2. read and decode it with Ray Data: one read task per partition, which decodes its block
    (`decode_block`) before handing it over. While the job is behind (this batch was capped at
    `max_batch_events`), the range after it (to the partitions' ends at that moment) is read ahead
@@ -15,8 +15,9 @@ One iteration:
    Users this job wrote recently are read from its write-through cache instead
    (features/sequence_cache.py; `sequence_cache_events`), which a failed batch clears;
 5. append the valid events to the offline store, send the dead letters and flush them;
-6. hand the training examples to the feed;
-7. commit the offsets that every sink made durable and every feed consumer acknowledged.
+6. hand the training examples to the feed (streaming/training_feed.py), which coalesces them
+   per user and never makes the job wait: features never wait for training;
+7. commit the offsets that every sink made durable.
 
 A crash anywhere replays from the committed offsets; the watermarks in Feast and the offline
 store's file names make the replay change nothing (see tests/streaming/test_pipeline.py, which
@@ -47,12 +48,17 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from config.logs import third_party_deprecations
+from features.redis_pipe import RedisAuthError
+from features.redis_security import RedisSecurityError
+from features.redis_security import describe as describe_redis
 from features.sequence_batch import take_users
 from features.sequence_cache import SequenceCache
 from features.sequences import SequenceStore, SequenceStoreConfig
 from streaming.config import StreamJobConfig
 from streaming.decode import DECODED_SCHEMA, decode_block, order_events, split_decoded
 from streaming.events import DecodeConfig
+from streaming.kafka_security import check_broker, classify_client_error, security_cause
+from streaming.kafka_security import describe as describe_kafka
 from streaming.kafka_source import KafkaSourceError
 from streaming.metrics import JobMetrics, ProgressLine
 from streaming.offsets import CommitFrontier, FileOffsets, KafkaGroupOffsets, Offsets, OffsetStore
@@ -227,6 +233,8 @@ class StreamJob:
         self._first_batch_at: float | None = None
         self.metrics: JobMetrics | None = None
         self._read_ahead: _ReadAhead | None = None
+        self._pace_start: float | None = None
+        self._paced_records = 0
 
     # --- control --------------------------------------------------------------------------------
     def stop(self, reason: str = "stop()") -> None:
@@ -254,11 +262,20 @@ class StreamJob:
         state = cfg.job_state_dir()
         self.offline = OfflineStore(state / "offline", actions=cfg.actions, writers=cfg.offline_writers)
         if spec.kind == "kafka":
+            security = cfg.kafka.security
             self.offsets: OffsetStore = KafkaGroupOffsets(
-                spec.bootstrap, spec.topic, cfg.group_id, request_timeout_ms=cfg.kafka.request_timeout_ms
+                spec.bootstrap,
+                spec.topic,
+                cfg.group_id,
+                request_timeout_ms=cfg.kafka.request_timeout_ms,
+                security=security,
             )
             self.dlq = KafkaDeadLetters(
-                spec.bootstrap, cfg.dlq_topic, source_topic=spec.topic, request_timeout_ms=cfg.kafka.request_timeout_ms
+                spec.bootstrap,
+                cfg.dlq_topic,
+                source_topic=spec.topic,
+                request_timeout_ms=cfg.kafka.request_timeout_ms,
+                security=security,
             )
         else:
             self.offsets = FileOffsets(state / "offsets.json", topic=self.source.topic)
@@ -270,19 +287,17 @@ class StreamJob:
                 redis_address=cfg.feast.redis_address,
                 state_dir=cfg.feast.state_dir,
                 bulk_io=cfg.feast.bulk_io,
+                redis_security=cfg.feast.redis_security,
             )
         )
         _ = self.store.feature_store  # apply the Feast repository now, not inside the first batch
         self.cache = SequenceCache(max_events=cfg.sequence_cache_events)
         self.feed = None
-        if cfg.feed.consumers:
+        if cfg.feed.enabled:
             from streaming.training_feed import TrainingFeed
 
             self.feed = TrainingFeed(
-                consumers=cfg.feed.consumers,
-                capacity=cfg.feed.capacity,
-                actor_name=cfg.feed.actor_name,
-                namespace=cfg.feed.namespace,
+                actor_name=cfg.feed.actor_name, namespace=cfg.feed.namespace, max_users=cfg.feed.max_users
             )
         self.decode = DecodeConfig(max_value_bytes=cfg.max_value_bytes, max_future_skew_ms=cfg.max_future_skew_ms)
         self.metrics = JobMetrics(source=self.source.description, group=cfg.group_id)
@@ -304,6 +319,29 @@ class StreamJob:
         )
         return position
 
+    def _check_security(self, exc: BaseException | None = None) -> None:
+        """Raise the security error behind a failure, if there is one: the job stops on it at once
+        (no retry fixes a wrong password). `exc` None: probe the broker before the first use
+        (streaming/kafka_security.py `check_broker`), so that a broker which refuses this client
+        says why instead of timing out."""
+        cause = security_cause(exc) if exc is not None else None
+        if cause is not None:
+            raise cause from exc
+        if exc is not None and isinstance(exc, (RedisSecurityError, RedisAuthError)):
+            raise exc
+        spec = self.config.source_spec()
+        if spec.kind != "kafka" or (exc is not None and self.config.kafka.security.protocol == "PLAINTEXT"):
+            return  # after the first check, only a secured broker is asked again (a password may change)
+        refused = classify_client_error(exc, spec.bootstrap, self.config.kafka.security) if exc is not None else None
+        if refused is not None:  # a client library that said so itself (librdkafka does)
+            raise refused from exc
+        try:
+            check_broker(
+                spec.bootstrap, self.config.kafka.security, timeout_s=min(10.0, self.config.kafka.read_timeout_s)
+            )
+        except ConnectionError as probe:  # unreachable: the normal retries handle it
+            log.debug("security check of %s: %s", spec.bootstrap, probe)
+
     def _with_retries(self, what: str, call):
         retryable = _retryable()
         failures = 0
@@ -311,6 +349,7 @@ class StreamJob:
             try:
                 return call()
             except retryable as exc:
+                self._check_security(exc)  # a refused login or a TLS mismatch is fatal
                 failures += 1
                 self.summary.retries += 1
                 if self.metrics is not None:
@@ -329,7 +368,15 @@ class StreamJob:
 
     # --- the loop -------------------------------------------------------------------------------
     def run(self) -> JobSummary:
-        """Process micro-batches until stopped (signal, `stop()`, idle or max_batches)."""
+        """Process micro-batches until stopped (signal, `stop()`, idle or max_batches).
+
+        Raises KafkaSecurityError (streaming/kafka_security.py) or RedisSecurityError when a
+        server refuses this job: credentials missing or wrong, TLS that does not match."""
+        if self.config.source_spec().kind == "kafka":
+            log.info("kafka security: %s", describe_kafka(self.config.kafka.security))
+        if self.config.feast.online_store == "redis":
+            log.info("redis security: %s", describe_redis(self.config.feast.redis_security))
+        self._check_security()  # before Ray starts: a refused job fails in seconds
         started_ray = init_ray(self.config)
         _quiet_ray_data()
         if self._handle_signals:
@@ -338,7 +385,7 @@ class StreamJob:
         try:
             self._with_retries("connecting", self._open)  # the broker may not be up yet
             self.position = self._with_retries("reading committed offsets", self._start_position)
-            self.frontier = CommitFrontier(self.position, needs_ack=self.feed is not None)
+            self.frontier = CommitFrontier(self.position)
             self.summary.committed = dict(self.position)
             if self.config.read_ahead:
                 self._read_ahead = _ReadAhead(settle_timeout_s=self.config.kafka.read_timeout_s + 30)
@@ -365,14 +412,14 @@ class StreamJob:
         cfg = self.config
         batch_id = 0
         while not self._stop.is_set():
-            if self.feed is not None and not self._wait_for_feed():
-                break
             ends = self._with_retries("reading end offsets", self.source.end_offsets)
             self.metrics.lag(sum(max(0, ends[p] - self.position.get(p, 0)) for p in ends))
             ahead = self._read_ahead.take(self.position) if self._read_ahead is not None else None
-            rng = ahead[0] if ahead is not None else plan_range(self.position, ends, max_events=cfg.max_batch_events)
+            rng = ahead[0] if ahead is not None else plan_range(self.position, ends, max_events=self._batch_cap())
             if rng is None:
                 self._with_retries("commit", self._commit)
+                if self.feed is not None:
+                    self.feed.set_idle(self.frontier.pending == 0)  # caught up with the source
                 if cfg.stop_when_idle and self.frontier.pending == 0 and self.frontier.committable() is None:
                     self.stop("idle")
                     break
@@ -391,24 +438,26 @@ class StreamJob:
             self.progress.maybe_print(self._progress_fields(ends))
             if cfg.max_batches is not None and batch_id >= cfg.max_batches:
                 self.stop("max_batches")
+            elif cfg.max_events_per_s is not None:
+                self._pace(rng.num_offsets)
             elif rng.num_offsets < cfg.max_batch_events:
                 self._stop.wait(cfg.interval_s)  # caught up: wait for the next interval
         if self.frontier.pending or self.frontier.committable():
             self._with_retries("commit", self._commit)
 
-    def _wait_for_feed(self) -> bool:
-        """Backpressure: wait while the feed holds `capacity` unacknowledged batches."""
-        waited = 0.0
-        while not self._stop.is_set():
-            if self.feed.wait_for_room(timeout_s=1.0):
-                if waited:
-                    log.info("training feed has room again after %.1f s", waited)
-                return True
-            waited += 1.0
-            self._with_retries("commit", self._commit)  # acknowledgements may have arrived
-            if waited % 10 == 0:
-                log.info("training feed full (%s): waiting, Kafka holds the rest", self.feed.stats())
-        return False
+    def _batch_cap(self) -> int:
+        cfg = self.config
+        if cfg.max_events_per_s is None:
+            return cfg.max_batch_events
+        return max(1, min(cfg.max_batch_events, int(cfg.max_events_per_s * cfg.interval_s)))
+
+    def _pace(self, records: int) -> None:
+        """max_events_per_s: wait until the records read so far are due at that rate."""
+        self._paced_records += records
+        if self._pace_start is None:
+            self._pace_start = time.monotonic()
+        due = self._pace_start + self._paced_records / self.config.max_events_per_s
+        self._stop.wait(max(0.0, due - time.monotonic()))
 
     def _dataset(self, rng: BatchRange):
         """The batch as a (lazy) Ray Dataset of decoded blocks; built on the job's thread."""
@@ -482,7 +531,7 @@ class StreamJob:
         examples = 0
         if self.feed is not None:
             batch = training_examples(update)
-            self.feed.publish(batch_id, rng.end, batch)
+            self.feed.publish(rng.start, rng.end, batch, rolled_out=update.rolled_out)
             examples = len(batch)
             timer.lap("feed")
         self.frontier.add_batch(batch_id, rng.end)
@@ -537,8 +586,6 @@ class StreamJob:
             )
 
     def _commit(self) -> None:
-        if self.feed is not None:
-            self.frontier.mark_acked_through(self.feed.acked_through())
         offsets = self.frontier.committable()
         if offsets is None:
             return

@@ -59,6 +59,8 @@ class SequenceUpdate:
     num_new: per user, the trailing positions that hold this batch's events.
     changed: per user, whether anything was appended (only those rows need writing).
     applied / skipped: events appended / skipped as at or below the watermark.
+    rolled_out: the batch's events that fell off the front of their sequence (more than max_len
+      for the user in one batch) and so reach no trainer: the feed counts them as untrained.
     """
 
     sequences: SequenceBatch
@@ -67,6 +69,7 @@ class SequenceUpdate:
     applied: int
     skipped: int
     partition_moves: int
+    rolled_out: int = 0
 
     def changed_sequences(self) -> SequenceBatch:
         return take_users(self.sequences, np.flatnonzero(self.changed))
@@ -141,9 +144,11 @@ def apply_events(current: SequenceBatch, events: pa.Table, *, max_len: int) -> S
         last_partition=last_partition,
         last_offset=last_offset,
     )
+    num_new = np.minimum(counts, final).astype(np.int64)
     return SequenceUpdate(
         sequences=sequences,
-        num_new=np.minimum(counts, final).astype(np.int64),
+        num_new=num_new,
+        rolled_out=int((counts - num_new).sum()),
         changed=new_len > 0,
         applied=int(keep.sum()),
         skipped=int(seen.sum()),

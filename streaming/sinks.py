@@ -43,6 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from streaming.events import VALID_SCHEMA
+from streaming.kafka_security import KafkaSecurityConfig, kafka_python_kwargs
 from streaming.offsets import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -251,7 +252,15 @@ class FileDeadLetters:
 class KafkaDeadLetters:
     """Dead letters produced to a topic; `flush` returns once the broker has them all."""
 
-    def __init__(self, bootstrap: str, topic: str, *, source_topic: str, request_timeout_ms: int = 15_000) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        *,
+        source_topic: str,
+        request_timeout_ms: int = 15_000,
+        security: KafkaSecurityConfig | None = None,
+    ) -> None:
         from kafka import KafkaProducer
 
         self.topic = topic
@@ -265,6 +274,7 @@ class KafkaDeadLetters:
             request_timeout_ms=max(request_timeout_ms, 11_000),
             reconnect_backoff_max_ms=1000,
             max_block_ms=60_000,
+            **kafka_python_kwargs(security),
         )
 
     def send(self, letters: pa.Table) -> int:

@@ -179,3 +179,38 @@ def open_source(config: StreamJobConfig) -> MicroBatchSource:
         return KafkaMicroBatches(KafkaSource(spec.bootstrap, spec.topic, config.kafka))
     assert spec.path is not None
     return LogMicroBatches(LogSource(spec.path), description=config.source)
+
+
+def read_valid_events(
+    config: StreamJobConfig, start: Offsets, end: Offsets | None = None, *, max_events: int = 200_000
+) -> pa.Table:
+    """Every valid event at offsets [start[p], end[p]) of the job's source, decoded exactly as the
+    job decodes them (EVENT_COLUMNS of streaming/decode.py, with partition and offset). `end`
+    defaults to the partitions' current ends; partitions missing from `start` begin at their
+    beginning. For a trainer re-reading what its checkpoint does not cover; dead letters are
+    left out (they never reach a model). Reads `max_events` offsets per Ray Data pass."""
+    import functools
+
+    from streaming.decode import DECODED_SCHEMA, EVENT_COLUMNS, decode_block, split_decoded
+    from streaming.events import DecodeConfig
+
+    source = open_source(config)
+    try:
+        ends = source.end_offsets() if end is None else dict(end)
+        begins = source.beginning_offsets()
+        position = {p: max(int(start.get(p, begins[p])), begins[p]) for p in ends}
+        decode = functools.partial(
+            decode_block,
+            actions=config.actions,
+            decode=DecodeConfig(max_value_bytes=config.max_value_bytes, max_future_skew_ms=config.max_future_skew_ms),
+        )
+        parts = []
+        while (rng := plan_range(position, ends, max_events=max_events)) is not None:
+            decoded = collect(source.read(rng, decode), DECODED_SCHEMA)
+            source.check_complete(rng, decoded)
+            parts.append(split_decoded(decoded)[0])
+            position = dict(rng.end)
+    finally:
+        source.close()
+    empty = DECODED_SCHEMA.empty_table().select(EVENT_COLUMNS)
+    return pa.concat_tables(parts) if parts else empty

@@ -14,6 +14,16 @@ From Python:
     >>> info.bootstrap
     '127.0.0.1:39125'
     >>> stop()
+
+A secured broker: `BrokerConfig(security=ListenerSecurity(users=..., tls_cert_file=...))` makes the
+client listener SASL_SSL (or SASL_PLAINTEXT without a certificate) with PLAIN, SCRAM-SHA-256 and
+SCRAM-SHA-512 for every user; clients without valid credentials are refused. The controller
+listener stays PLAINTEXT on 127.0.0.1 (only this broker talks to it). `python -m infra.kafka
+start --security SASL_SSL` does it from the shell (see __main__.py). The users' passwords end up
+in the broker's own `server.properties` (PLAIN's JAAS users) and SCRAM credentials in its
+metadata log, both in the state folder with mode 0600: what a broker needs, never a repo file.
+(Kafka's storage tool takes SCRAM credentials only as arguments, so they are visible to `ps` on
+this machine for the seconds `format` runs: fine for a local broker, not for a shared host.)
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from config.paths import REPO_ROOT, state_dir
+from config.secrets import Secret
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +62,82 @@ class TopicSpec:
     retention_ms: int = -1  # keep everything: recorded logs and tests read from offset 0
 
 
+# Characters that the JAAS config, the properties file or the storage tool's --add-scram syntax
+# would take for syntax; user names and passwords of the local broker may not hold them.
+_UNSAFE = set("\"\\';,=[]{}$#!:") | {chr(c) for c in range(33)} | {chr(127)}
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SaslUser:
+    """A user the broker accepts, with every mechanism of SASL_MECHANISMS."""
+
+    name: str
+    password: Secret
+
+    def __post_init__(self) -> None:
+        if not self.name or _UNSAFE & set(self.name):
+            raise ValueError(f"user name {self.name!r} must be non-empty, without spaces, quotes or ,;=[]{{}}$#!:")
+        if not isinstance(self.password, Secret) or not self.password or _UNSAFE & set(self.password.reveal()):
+            raise ValueError(
+                f"the password of user {self.name!r} must be a non-empty Secret without spaces, quotes or ,;=[]{{}}$#!:"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ListenerSecurity:
+    """The client listener's security: SASL for `users` (the first one is also what the broker
+    uses to reach itself, and what `start` creates topics as), over TLS when a certificate is
+    given (SASL_SSL), else over plain TCP (SASL_PLAINTEXT).
+
+    tls_cert_file: PEM certificate chain of the broker (its certificate first).
+    tls_key_file: its PEM private key, PKCS#8, unencrypted.
+    tls_ca_file: the CA that signed it, which clients (and the broker itself) verify it against.
+    """
+
+    users: tuple[SaslUser, ...]
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.users:
+            raise ValueError("a SASL listener needs at least one user")
+        if len({u.name for u in self.users}) != len(self.users):
+            raise ValueError("user names must be unique")
+        tls = (self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
+        if any(f is not None for f in tls) and not all(f is not None for f in tls):
+            raise ValueError("TLS needs all of tls_cert_file, tls_key_file and tls_ca_file (or none: SASL_PLAINTEXT)")
+        for f in tls:
+            if f is not None and not Path(f).is_file():
+                raise ValueError(f"TLS file {str(f)!r} does not exist")
+
+    @property
+    def protocol(self) -> str:
+        return "SASL_SSL" if self.tls_cert_file is not None else "SASL_PLAINTEXT"
+
+    def client_security(self, user: SaslUser | None = None, mechanism: str = "PLAIN"):
+        """(KafkaSecurityConfig, SaslCredentials) for a client of this listener, as `user`
+        (default: the first one)."""
+        from streaming.kafka_security import KafkaSecurityConfig, SaslCredentials
+
+        user = user or self.users[0]
+        config = KafkaSecurityConfig(
+            protocol=self.protocol,
+            sasl_mechanism=mechanism,
+            ca_file=self.tls_ca_file,
+            username=user.name,
+        )
+        return config, SaslCredentials(username=user.name, password=user.password)
+
+
 @dataclass(frozen=True, kw_only=True)
 class BrokerConfig:
-    """How to run the local broker. `port=0` picks a free port (what CI does)."""
+    """How to run the local broker. `port=0` picks a free port (what CI does).
+
+    security: None (default) listens PLAINTEXT, without authentication; a ListenerSecurity
+      requires SASL (and TLS when it has a certificate).
+    """
 
     port: int = 9092
     controller_port: int = 0
@@ -65,6 +149,7 @@ class BrokerConfig:
             TopicSpec(name="engagements.dlq", partitions=1),
         )
     )
+    security: ListenerSecurity | None = None
 
     def __post_init__(self) -> None:
         for name in ("port", "controller_port"):
@@ -84,6 +169,7 @@ class BrokerInfo:
     controller_port: int
     cluster_id: str
     started_at: float
+    security_protocol: str = "PLAINTEXT"
 
     @property
     def bootstrap(self) -> str:
@@ -157,17 +243,61 @@ def _java() -> str:
     return java
 
 
-def _server_properties(*, port: int, controller_port: int, data_dir: Path) -> str:
+def _security_properties(security: ListenerSecurity, root: Path) -> list[str]:
+    """The SASL (and TLS) settings of the client listener, named after its protocol."""
+    name = security.protocol.lower()
+    first = security.users[0]
+    plain_users = " ".join(f'user_{u.name}="{u.password.reveal()}"' for u in security.users)
+    lines = [
+        f"sasl.enabled.mechanisms={','.join(SASL_MECHANISMS)}",
+        "sasl.mechanism.inter.broker.protocol=PLAIN",
+        f"listener.name.{name}.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule "
+        f'required username="{first.name}" password="{first.password.reveal()}" {plain_users};',
+        f"listener.name.{name}.scram-sha-256.sasl.jaas.config="
+        "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+        f"listener.name.{name}.scram-sha-512.sasl.jaas.config="
+        "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+    ]
+    if security.tls_cert_file is not None:
+        assert security.tls_key_file is not None and security.tls_ca_file is not None
+        # Kafka's PEM key store: the private key and the certificate chain in one file.
+        keystore = root / "keystore.pem"
+        _write_private(
+            keystore, Path(security.tls_key_file).read_bytes() + b"\n" + Path(security.tls_cert_file).read_bytes()
+        )
+        lines += [
+            "ssl.keystore.type=PEM",
+            f"ssl.keystore.location={keystore}",
+            "ssl.truststore.type=PEM",
+            f"ssl.truststore.location={security.tls_ca_file}",
+            "ssl.client.auth=none",
+        ]
+    return lines
+
+
+def _write_private(path: Path, data: bytes | str) -> None:
+    """Write a file only its owner can read (it holds passwords or a private key)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data.encode() if isinstance(data, str) else data)
+    os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
+
+
+def _server_properties(
+    *, port: int, controller_port: int, data_dir: Path, security: ListenerSecurity | None = None
+) -> str:
+    client = security.protocol if security is not None else "PLAINTEXT"
     return "\n".join(
         [
             "process.roles=broker,controller",
             "node.id=1",
             f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
-            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+            f"listeners={client}://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+            f"advertised.listeners={client}://127.0.0.1:{port}",
             "controller.listener.names=CONTROLLER",
-            "inter.broker.listener.name=PLAINTEXT",
-            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            f"inter.broker.listener.name={client}",
+            f"listener.security.protocol.map=CONTROLLER:PLAINTEXT,{client}:{client}",
+            *(_security_properties(security, data_dir.parent) if security is not None else []),
             f"log.dirs={data_dir}",
             "num.partitions=1",
             "auto.create.topics.enable=false",
@@ -211,8 +341,14 @@ def start(config: BrokerConfig = BrokerConfig()) -> BrokerInfo:
     """Start the broker (or return the one already running), wait for it, create the topics."""
     existing = read_info()
     if existing is not None and is_running(existing):
+        wanted = config.security.protocol if config.security is not None else "PLAINTEXT"
+        if existing.security_protocol != wanted:
+            raise BrokerError(
+                f"the broker running at {existing.bootstrap} listens {existing.security_protocol}, not {wanted}: "
+                "run `python -m infra.kafka stop` first"
+            )
         log.info("broker already running at %s (pid %d)", existing.bootstrap, existing.pid)
-        ensure_topics(existing.bootstrap, config.topics)
+        ensure_topics(existing.bootstrap, config.topics, **_admin_security(config))
         return existing
     if existing is not None and _pid_alive(existing.pid):
         raise BrokerError(
@@ -232,7 +368,10 @@ def start(config: BrokerConfig = BrokerConfig()) -> BrokerInfo:
     # create their own topics. Recorded logs, not broker state, are what we keep.
     shutil.rmtree(data_dir, ignore_errors=True)
     props = root / "server.properties"
-    props.write_text(_server_properties(port=port, controller_port=controller_port, data_dir=data_dir))
+    _write_private(
+        props,
+        _server_properties(port=port, controller_port=controller_port, data_dir=data_dir, security=config.security),
+    )
     cluster_id = _cluster_id()
     jvm = [
         java,
@@ -245,13 +384,19 @@ def start(config: BrokerConfig = BrokerConfig()) -> BrokerInfo:
         "-cp",
         cp,
     ]
+    scram = []
+    for user in config.security.users if config.security is not None else ():
+        for mechanism in SASL_MECHANISMS[1:]:
+            # SCRAM credentials live in the cluster's metadata; with KRaft they are written at format.
+            scram += ["--add-scram", f"{mechanism}=[name={user.name},password={user.password.reveal()}]"]
     fmt = subprocess.run(
-        jvm + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
+        jvm + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props), *scram],
         capture_output=True,
         text=True,
     )
     if fmt.returncode != 0:
-        raise BrokerError(f"formatting KRaft storage failed:\n{fmt.stdout[-2000:]}\n{fmt.stderr[-2000:]}")
+        out = _redact(f"{fmt.stdout[-2000:]}\n{fmt.stderr[-2000:]}", config.security)
+        raise BrokerError(f"formatting KRaft storage failed:\n{out}")
 
     t0 = time.monotonic()
     with open(root / "stdout.log", "ab") as out:
@@ -264,22 +409,49 @@ def start(config: BrokerConfig = BrokerConfig()) -> BrokerInfo:
             cwd=root,
         )
     info = BrokerInfo(
-        pid=proc.pid, port=port, controller_port=controller_port, cluster_id=cluster_id, started_at=time.time()
+        pid=proc.pid,
+        port=port,
+        controller_port=controller_port,
+        cluster_id=cluster_id,
+        started_at=time.time(),
+        security_protocol=config.security.protocol if config.security is not None else "PLAINTEXT",
     )
     _info_path().write_text(json.dumps(asdict(info)))
     try:
-        _wait_ready(info, proc, config.start_timeout_s)
-        ensure_topics(info.bootstrap, config.topics)
+        _wait_ready(info, proc, config.start_timeout_s, _admin_security(config))
+        ensure_topics(info.bootstrap, config.topics, **_admin_security(config))
     except BaseException:
         stop()
         raise
-    log.info("broker up at %s (pid %d) in %.1f s", info.bootstrap, info.pid, time.monotonic() - t0)
+    log.info(
+        "broker up at %s (%s, pid %d) in %.1f s",
+        info.bootstrap,
+        info.security_protocol,
+        info.pid,
+        time.monotonic() - t0,
+    )
     return info
 
 
-def _wait_ready(info: BrokerInfo, proc: subprocess.Popen, timeout_s: float) -> None:
+def _admin_security(config: BrokerConfig) -> dict:
+    """`security=`/`credentials=` for this module's own admin client (the listener's first user)."""
+    if config.security is None:
+        return {}
+    security, credentials = config.security.client_security()
+    return {"security": security, "credentials": credentials}
+
+
+def _redact(text: str, security: ListenerSecurity | None) -> str:
+    for user in security.users if security is not None else ():
+        text = text.replace(user.password.reveal(), "***")
+    return text
+
+
+def _wait_ready(info: BrokerInfo, proc: subprocess.Popen, timeout_s: float, security: dict) -> None:
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
+
+    from streaming.kafka_security import kafka_python_kwargs
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -290,7 +462,9 @@ def _wait_ready(info: BrokerInfo, proc: subprocess.Popen, timeout_s: float) -> N
             raise BrokerError(f"the broker exited with code {proc.returncode} while starting:\n{tail}")
         if _port_open(info.port):
             try:
-                admin = KafkaAdminClient(bootstrap_servers=info.bootstrap, request_timeout_ms=5000)
+                admin = KafkaAdminClient(
+                    bootstrap_servers=info.bootstrap, request_timeout_ms=5000, **kafka_python_kwargs(**security)
+                )
                 try:
                     admin.list_topics()
                     return
@@ -305,12 +479,19 @@ def _wait_ready(info: BrokerInfo, proc: subprocess.Popen, timeout_s: float) -> N
     )
 
 
-def ensure_topics(bootstrap: str, topics: tuple[TopicSpec, ...]) -> None:
-    """Create the topics that do not exist yet (existing ones are left as they are)."""
+def ensure_topics(bootstrap: str, topics: tuple[TopicSpec, ...], *, security=None, credentials=None) -> None:
+    """Create the topics that do not exist yet (existing ones are left as they are).
+
+    security / credentials: a `streaming.kafka_security.KafkaSecurityConfig` (and, optionally,
+    the credentials to use instead of the ones it names) for a secured broker."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    from streaming.kafka_security import kafka_python_kwargs
+
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=15000, **kafka_python_kwargs(security, credentials)
+    )
     try:
         present = set(admin.list_topics())
         new = [

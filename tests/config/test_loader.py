@@ -16,6 +16,7 @@ class Inner:
     lr: float = 1e-3
     kind: Literal["a", "b"] = "a"
     dims: tuple[int, ...] = (1, 2)
+    betas: tuple[float, float] = (0.9, 0.98)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +42,13 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
     )
     assert to_dict(cfg)["inner"]["dims"] == [3, 4]
     assert load_config(Outer, path, ["alpha=null"]).alpha is None
+
+
+def test_fixed_size_tuples_convert_each_value_with_its_own_type() -> None:
+    cfg = load_config(Outer, overrides=["name=a", "inner.betas=[0.5, 1]"])
+    assert cfg.inner.betas == (0.5, 1.0) and isinstance(cfg.inner.betas[1], float)
+    with pytest.raises(ConfigError, match=r"key 'inner.betas': expected 2 values"):
+        load_config(Outer, overrides=["name=a", "inner.betas=[0.5]"])
 
 
 def test_override_wins_and_int_widens_to_float() -> None:

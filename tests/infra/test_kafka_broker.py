@@ -64,3 +64,27 @@ def test_taken_port_is_refused(tmp_path, monkeypatch, kafka_bootstrap):
 def test_cluster_ids_never_look_like_options():
     # A leading '-' made `kafka-storage format -t <id>` fail one start in 64.
     assert not any(broker._cluster_id().startswith("-") for _ in range(2000))
+
+
+def test_listener_security_is_checked_and_never_prints_a_password(tmp_path, monkeypatch):
+    from config.secrets import Secret
+    from infra.kafka.__main__ import listener_security
+
+    with pytest.raises(ValueError, match="without spaces, quotes"):
+        broker.SaslUser(name="alice", password=Secret('has"quote'))
+    with pytest.raises(ValueError, match="at least one user"):
+        broker.ListenerSecurity(users=())
+    user = broker.SaslUser(name="alice", password=Secret("s3cret-pw"))
+    with pytest.raises(ValueError, match="needs all of"):
+        broker.ListenerSecurity(users=(user,), tls_cert_file=tmp_path / "x.crt")
+    security = broker.ListenerSecurity(users=(user,))
+    assert security.protocol == "SASL_PLAINTEXT"
+    assert "s3cret" not in repr(broker.BrokerConfig(security=security))
+    props = broker._server_properties(port=1, controller_port=2, data_dir=tmp_path / "data", security=security)
+    assert "listeners=SASL_PLAINTEXT://127.0.0.1:1,CONTROLLER://127.0.0.1:2" in props
+    assert 'user_alice="s3cret-pw"' in props  # PLAIN's users live in the broker's own (0600) properties
+
+    monkeypatch.delenv("HSTU_KAFKA_SASL_PASSWORD", raising=False)
+    with pytest.raises(broker.BrokerError, match="HSTU_KAFKA_SASL_PASSWORD"):
+        listener_security("SASL_SSL", None)
+    assert listener_security("PLAINTEXT", None) is None

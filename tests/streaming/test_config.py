@@ -43,8 +43,7 @@ def test_bad_sources_are_refused(url, match):
     [
         ("max_len=0", r"max_len \(0\) must be at least 1"),
         ("interval_s=0", r"interval_s \(0.0\) must be > 0"),
-        ("feed.capacity=0", r"feed.capacity \(0\)"),
-        ("feed.consumers=[a, a]", "must be distinct"),
+        ("feed.max_users=0", r"feed.max_users \(0\)"),
         ("max_batches=0", r"max_batches \(0\)"),
         ("source=nowhere", "has no scheme"),
         ("group_id=a/b", "group_id"),

@@ -25,13 +25,12 @@ def test_file_offsets_round_trip_and_refuse_another_topic(tmp_path):
         store.committed([0])
 
 
-def test_frontier_waits_for_durability_and_acknowledgement_in_order():
+def test_frontier_waits_for_durability_in_order():
     f = CommitFrontier({0: 0, 1: 0})
     f.add_batch(1, {0: 10, 1: 5})
     f.add_batch(2, {0: 20, 1: 5})
     f.add_batch(3, {0: 30, 1: 9})
     f.mark_durable(2)
-    f.mark_acked_through(3)
     assert f.committable() is None  # batch 1 is not durable yet
     f.mark_durable(1)
     assert f.committable() == {0: 20, 1: 5}
@@ -41,13 +40,6 @@ def test_frontier_waits_for_durability_and_acknowledgement_in_order():
     assert f.committable() == {0: 30, 1: 9}
     with pytest.raises(ValueError, match="batch ids must increase"):
         f.add_batch(3, {0: 40})
-
-
-def test_frontier_without_feed_needs_only_durability():
-    f = CommitFrontier({0: 0}, needs_ack=False)
-    f.add_batch(1, {0: 4})
-    f.mark_durable(1)
-    assert f.committable() == {0: 4}
 
 
 @pytest.mark.kafka

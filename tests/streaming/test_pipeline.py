@@ -8,8 +8,9 @@
 - bad input: every kind of invalid event lands in the DLQ with its reason, the valid ones around
   them are applied (broker DLQ topic and the log source's dead-letter files);
 - broker restart: the job rides out its broker going away and coming back, then stops on SIGTERM;
-- training feed: every event reaches the consumers as a target exactly once, the buffer applies
-  backpressure, and offsets wait for the acknowledgements.
+- training feed: the job never waits for a trainer (it runs to idle and commits everything with
+  nobody taking), and what it puts coalesces so that every event is a target exactly once, or
+  counted as untrained when it rolled out of max_len first.
 """
 
 from __future__ import annotations
@@ -263,7 +264,7 @@ def test_a_failed_batch_clears_the_cache_and_the_retry_is_exact(failure, ray_add
     the cache took the new sequences (the offline append fails), is retried: the final state and
     the training examples are exactly those of a run without the failure."""
     from features.sequence_cache import SequenceCache
-    from streaming.training_feed import FeedClosed, FeedConsumer
+    from streaming.training_feed import FeedConsumer
 
     max_len = 1000  # no truncation: every event is a training target exactly once
     table, frame = log_frame(movielens(12_000), partitions=2)
@@ -301,24 +302,24 @@ def test_a_failed_batch_clears_the_cache_and_the_retry_is_exact(failure, ray_add
             f"max_len={max_len}",
             "max_batch_events=2000",
             "retry_backoff_s=0",
-            "feed.consumers=[t]",
+            "feed.enabled=true",
             f"feed.actor_name={feed_name}",
-            "feed.capacity=100",
         )
     )
     result = {}
     runner = threading.Thread(target=lambda: result.update(summary=job.run()), daemon=True)
     runner.start()
-    consumer = FeedConsumer("t", actor_name=feed_name, namespace="hstu")
+    consumer = FeedConsumer(actor_name=feed_name, namespace="hstu")
     targets: Counter = Counter()
     try:
-        while True:  # until the job, idle and fully committed, closes the feed
-            got = consumer.next(timeout_s=2)
-            if got is not None:
-                targets.update(feed_targets(got.examples))
-                consumer.ack(got.batch_id)
-    except FeedClosed:
-        pass
+        while True:  # until the job, idle and fully committed, closes the feed and it is drained
+            took = consumer.take()
+            targets.update(feed_targets(took.examples))
+            if took.producer_done:
+                break
+            time.sleep(0.3)
+    finally:
+        kill_actor(feed_name)
     runner.join(timeout=60)
     summary = result["summary"]
     assert summary.stopped_by == "idle" and summary.retries == 1, summary
@@ -633,60 +634,64 @@ def test_job_survives_a_broker_restart(ray_address, tmp_path, monkeypatch):
 # --- training feed --------------------------------------------------------------------------------
 
 
+def kill_actor(name: str) -> None:
+    import ray
+
+    try:
+        ray.kill(ray.get_actor(name, namespace="hstu"))
+    except ValueError:
+        pass
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_training_feed_backpressure_acks_and_commits(ray_address, tmp_path):
+def test_features_never_wait_for_training_and_the_feed_coalesces(ray_address, tmp_path):
     from streaming.offsets import FileOffsets
-    from streaming.training_feed import FeedClosed, FeedConsumer
+    from streaming.training_feed import FeedConsumer
 
     events = movielens(3_000)
     table, frame = log_frame(events, partitions=2)
     write_log(table, tmp_path / "feed.parquet", num_partitions=2)
-    cfg = job_config(
-        f"log://{tmp_path / 'feed.parquet'}",
-        tmp_path,
-        "max_len=1000",
-        "max_batch_events=400",
-        "feed.consumers=[trainer, evaluator]",
-        "feed.capacity=2",
-        "feed.actor_name=feed-test",
-    )
-    job = StreamJob(cfg)
-    result = {}
-    runner = threading.Thread(target=lambda: result.update(summary=job.run()), daemon=True)
-    runner.start()
-    trainer = FeedConsumer("trainer", actor_name="feed-test", namespace="hstu")
-    evaluator = FeedConsumer("evaluator", actor_name="feed-test", namespace="hstu")
-    offsets = FileOffsets(tmp_path / "job" / "offsets.json", topic="engagements")
-
-    first = trainer.next(timeout_s=120)
-    assert first is not None and first.batch_id == 1
-    wait_for(lambda: job.feed.stats()["held"] == 2, 120, "the buffer to fill")
-    time.sleep(2)  # the job waits: nothing more is read while two batches are unacknowledged
-    assert job.feed.stats()["held"] == 2 and job.summary.batches == 2
-    assert offsets.committed([0, 1]) == {}, "offsets were committed before any acknowledgement"
-    batches, seen_by_evaluator = [first], []
-    trainer.ack(first.batch_id)
-    assert offsets.committed([0, 1]) == {}, "committed before the second consumer acknowledged"
-    try:
-        while True:  # until the job, idle and fully committed, closes the feed
-            got = evaluator.next(timeout_s=2)
-            if got is not None:
-                seen_by_evaluator.append(got)
-                evaluator.ack(got.batch_id)
-            b = trainer.next(timeout_s=2)
-            if b is not None:
-                batches.append(b)
-                trainer.ack(b.batch_id)
-    except FeedClosed:
-        pass
-    runner.join(timeout=60)
-    summary = result["summary"]
-    assert summary.stopped_by == "idle" and summary.valid_events == 3_000
-    # Without truncation every event is a training target exactly once, for each consumer.
-    assert summary.examples == sum(len(b.examples) for b in batches)
-    assert sum(map(feed_targets, (b.examples for b in batches)), Counter()) == frame_targets(frame)
-    assert [b.batch_id for b in seen_by_evaluator] == [b.batch_id for b in batches]
-    assert all(e.examples.equals(b.examples) for e, b in zip(seen_by_evaluator, batches))
     ends = {int(p): int(o) + 1 for p, o in frame.groupby("partition")["offset"].max().items()}
-    assert offsets.committed([0, 1]) == ends
+    try:
+        # Nobody takes from the feed while the job runs: it still applies everything and commits.
+        summary = StreamJob(
+            job_config(
+                f"log://{tmp_path / 'feed.parquet'}",
+                tmp_path,
+                "max_len=1000",
+                "max_batch_events=400",
+                "feed.enabled=true",
+                "feed.actor_name=feed-test",
+            )
+        ).run()
+        assert summary.stopped_by == "idle" and summary.valid_events == 3_000 and summary.batches >= 8
+        assert FileOffsets(tmp_path / "job" / "offsets.json", topic="engagements").committed([0, 1]) == ends
+        took = FeedConsumer(actor_name="feed-test", namespace="hstu").take()
+        # one example per user, every event a target exactly once, the whole log's offsets covered
+        assert len(took.examples) == frame["user_id"].nunique() and took.untrained_events == 0
+        assert feed_targets(took.examples) == frame_targets(frame)
+        assert took.from_offsets == {0: 0, 1: 0} and took.to_offsets == ends and took.producer_done
+        again = FeedConsumer(actor_name="feed-test", namespace="hstu").take()
+        assert len(again.examples) == 0 and again.from_offsets == ends
+    finally:
+        kill_actor("feed-test")
+    # With a short max_len, what rolls out before a take is counted, not lost: targets + untrained
+    # cover every event.
+    max_len = 5
+    try:
+        StreamJob(
+            job_config(
+                f"log://{tmp_path / 'feed.parquet'}",
+                tmp_path / "short",
+                f"max_len={max_len}",
+                "max_batch_events=400",
+                "feed.enabled=true",
+                "feed.actor_name=feed-short",
+            )
+        ).run()
+        took = FeedConsumer(actor_name="feed-short", namespace="hstu").take()
+        assert took.num_events == frame.groupby("user_id").size().clip(upper=max_len).sum()
+        assert took.num_events + took.untrained_events == 3_000
+    finally:
+        kill_actor("feed-short")
