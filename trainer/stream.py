@@ -343,7 +343,7 @@ def recovery_examples(job: StreamJobConfig, start: Offsets, *, store: SequenceSt
         read_to = int(offset[partition == p].max()) if (partition == p).any() else int(start.get(p, 0)) - 1
         if mark > read_to:
             beyond[p] = (read_to + 1, mark + 1)
-    if beyond and False:
+    if beyond:
         begin, end = {p: a for p, (a, _) in beyond.items()}, {p: b for p, (_, b) in beyond.items()}
         more = read_valid_events(job, begin, end=end)
         mine = np.isin(more.column("user_id").to_numpy(), uniq)  # other users' events come through the feed
@@ -722,6 +722,10 @@ class Worker:
             "untrained_events": p.untrained_events,
             "recovered_events": p.recovered_events,
             "last_version": p.last_version,
+            "train_seconds": round(p.train_seconds, 3),
+            # per second of training (wall time inside training steps), over the whole run
+            "events_per_s": round(p.events_trained / p.train_seconds, 1) if p.train_seconds else 0.0,
+            "tokens_per_s": round(p.tokens_trained / p.train_seconds, 1) if p.train_seconds else 0.0,
             "trained": {str(k): v for k, v in (p.trained or {}).items()},
         }
 
