@@ -38,6 +38,7 @@ themselves, never each other, so one pass scores all of a user's candidates.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels.hstu_attention import hstu_attention
+from kernels.pytorch.pt_hstu_attention import relative_position_bucket, time_bucket
 from trainer.embedding_table import DynamicEmbeddingTable, TableConfig
 from trainer.layout import ModelInputError, TokenLayout, build_layout
 from trainer.sasrec import SASRecEncoder
@@ -99,6 +101,19 @@ class HSTULayer(nn.Module):
     ) -> Tensor:
         """x [T, dim]; seconds [T]: each token's time (`bias_seconds`); query_seconds [T]: the
         time each token's output is for (None: its own)."""
+        return self.forward_kv(x, layout=layout, seconds=seconds, query_seconds=query_seconds)[0]
+
+    def forward_kv(
+        self, x: Tensor, *, layout: TokenLayout, seconds: Tensor, query_seconds: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """`forward`, also returning the layer's keys k [T, h, dqk] and values v [T, h, dv]
+        (what a later token attends to: `HSTUModel.encode_histories` caches them)."""
+        u, q, k, v = self.project(x)
+        attn = self._attend(q, k, v, seconds, query_seconds, layout.offsets, layout.max_len, layout.num_candidates)
+        return self.output(x, u, attn), k, v
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The fused projection of tokens x [T, dim]: u [T, h dv], q, k [T, h, dqk], v [T, h, dv]."""
         num_tokens, dim = x.shape
         h, dqk, dv = self.num_heads, self.qk_dim, self.v_dim
         normed = F.layer_norm(x, (dim,), eps=self.eps)
@@ -107,10 +122,46 @@ class HSTULayer(nn.Module):
         q = q.reshape(num_tokens, h, dqk)
         k = k.reshape(num_tokens, h, dqk)
         v = v.reshape(num_tokens, h, dv)
-        attn = self._attend(q, k, v, seconds, query_seconds, layout.offsets, layout.max_len, layout.num_candidates)
-        attn = attn.reshape(num_tokens, h * dv)
-        gated = u * F.layer_norm(attn, (h * dv,), eps=self.eps)
+        return u, q, k, v
+
+    def output(self, x: Tensor, u: Tensor, attn: Tensor) -> Tensor:
+        """The layer's output from its input x [T, dim], gate u [T, h dv] and attention [T, h, dv]."""
+        num_tokens = x.shape[0]
+        attn = attn.reshape(num_tokens, self.num_heads * self.v_dim)
+        gated = u * F.layer_norm(attn, (self.num_heads * self.v_dim,), eps=self.eps)
         return x + self.out(F.dropout(gated, p=self.dropout, training=self.training))
+
+    def attend_cached(
+        self, q: Tensor, k: Tensor, v: Tensor, *, keys: Tensor, values: Tensor, bias: CachedBias
+    ) -> Tensor:
+        """Attention [B, N, h, dv] of new tokens that see cached tokens and themselves, never each other.
+
+        The KV-cache form of the kernel's mask for candidates (M-FALCON): user b's cached tokens
+        are a history at positions 0..P_b-1 (keys [B, h, dqk, P], values [B, h, P, dv], padded to
+        the longest P; padded values must be zero), and its N new tokens (q, k [B, N, h, dqk],
+        v [B, N, h, dv]) share one position after them. `bias` holds the position and time
+        buckets (`HSTUModel._cached_bias`: the reference kernel's bucket functions, computed once
+        for every layer), so a new token's output is `hstu_attention`'s. Cost: N x P per user,
+        not (P + N)^2.
+        """
+        # Called under no_grad (the model's cached scoring): in-place ops on the [B, h, N, P] scores
+        # keep them to two passes besides the matmuls. Padded keys need no mask: their values are 0.
+        q = q * self.alpha
+        scores = torch.matmul(q.transpose(1, 2), keys)  # (B, h, N, P)
+        own = (q * k).sum(-1)  # (B, N, h): each new token with itself
+        row = None  # (B, h, N or 1, P): the bias, summed while it is small
+        if self.pos_bias is not None:
+            row = self.pos_bias[:, bias.pos].transpose(0, 1)[:, :, None, :]
+            own = own + self.pos_bias[:, 0]
+        if self.time_bias is not None:
+            timed = self.time_bias[:, bias.time].transpose(0, 1)
+            row = timed if row is None else row + timed
+            own = own + self.time_bias[:, bias.own_time].permute(1, 2, 0)  # (B, N, h)
+        if row is not None:
+            scores.add_(row)
+        out = torch.matmul(F.silu(scores, inplace=True), values).transpose(1, 2)  # (B, N, h, dv)
+        out = out + F.silu(own)[..., None] * v
+        return out / self.norm_len
 
     def _attend(
         self,
@@ -161,6 +212,46 @@ class HSTUEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------- model
+@dataclass(frozen=True, kw_only=True, eq=False)
+class HistoryCache:
+    """One user's encoded history: what candidates attend to (`HSTUModel.encode_histories`).
+
+    Per layer, the keys [h, dqk, T-1] and values [h, T-1, dv] of every history token but the last
+    (laid out for q @ K and W @ V), and their times [T-1] (s); the last token's input [dim] and
+    time, which each request runs through the layers at its own request time. Immutable: many
+    requests may read one cache at once. ~ 4 (dqk + dv) h (T - 1) layers bytes.
+    """
+
+    keys: tuple[Tensor, ...]
+    values: tuple[Tensor, ...]
+    seconds: Tensor
+    last_input: Tensor
+    last_seconds: Tensor
+    num_tokens: int  # history tokens, the last one included
+    last_event_ms: int
+    rows: Tensor  # [E] the history's table rows (`exclude_seen`)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (*self.keys, *self.values, self.seconds, self.last_input, self.rows)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CachedBias:
+    """Bucket indices of one pass of new tokens against cached ones, shared by every layer.
+
+    pos [B, P]: the position bucket of each cached token for the new tokens (who share one
+    position); time [B, N or 1, P]: the time bucket of each (new, cached) pair (one row when the
+    new tokens of a user share their query time); own_time [B, N]: each new token with itself.
+    Cached tokens padded past a shorter history need no mask: their values are zero.
+    """
+
+    pos: Tensor | None
+    time: Tensor | None
+    own_time: Tensor | None
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Architecture. Defaults are the paper's ML-1M HSTU config (2 layers, 1 head, d=50)."""
@@ -295,6 +386,29 @@ class HSTUModel(nn.Module):
         request_timestamps_ms [B]: the time each user's recommendation is for, the query time of
         its last query token under `query_time="next"` (default: its last event's time).
         """
+        x, ts, query_ts = self._embed(
+            rows,
+            actions,
+            timestamps_ms,
+            layout,
+            candidate_rows=candidate_rows,
+            candidate_timestamps_ms=candidate_timestamps_ms,
+            request_timestamps_ms=request_timestamps_ms,
+        )
+        return self.encoder(x, layout=layout, seconds=ts, query_seconds=query_ts)
+
+    def _embed(
+        self,
+        rows: Tensor,
+        actions: Tensor,
+        timestamps_ms: Tensor,
+        layout: TokenLayout,
+        *,
+        candidate_rows: Tensor | None = None,
+        candidate_timestamps_ms: Tensor | None = None,
+        request_timestamps_ms: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The encoder's input: tokens x [Ttok, dim], their times [Ttok] and query times [Ttok] (s)."""
         seconds = bias_seconds(timestamps_ms)  # (E,) the time bias's unit
         item = self.table(rows) * self.input_scale  # (E, D)
         if self.config.action_input:
@@ -317,10 +431,15 @@ class HSTUModel(nn.Module):
             x = x + self.pos_emb(layout.positions)
         x = F.dropout(x, p=self.config.input_dropout, training=self.training)
         query_ts = None
-        if self.config.query_time == "next" and self.config.encoder == "hstu" and self.config.num_time_buckets:
+        if self.next_query_time:
             request = bias_seconds(request_timestamps_ms) if request_timestamps_ms is not None else None
             query_ts = self.query_times(seconds, ts, layout, request)
-        return self.encoder(x, layout=layout, seconds=ts, query_seconds=query_ts)
+        return x, ts, query_ts
+
+    @property
+    def next_query_time(self) -> bool:
+        """Whether the last query token's output depends on the request time (`query_time="next"`)."""
+        return self.config.query_time == "next" and self.config.encoder == "hstu" and self.config.num_time_buckets > 0
 
     @staticmethod
     def query_times(
@@ -427,6 +546,10 @@ class HSTUModel(nn.Module):
             lengths = offsets[1:] - offsets[:-1]
             users = torch.repeat_interleave(torch.arange(lengths.numel()), lengths).to(scores.device)
             scores[users, rows] = -math.inf
+        return self._top_live(scores, k)
+
+    def _top_live(self, scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Raw ids and scores of the top-k rows of scores [B, num_rows] (-inf rows masked out)."""
         k = min(k, len(self.table))
         top = scores.topk(k, dim=1)
         return self.table.row_ids(top.indices.cpu()), top.values.cpu()
@@ -477,6 +600,291 @@ class HSTUModel(nn.Module):
         )
         assert self.action_head is not None  # layout() rejected candidates in the items layout
         return self.action_head(out[layout.candidate_token])
+
+    # -------------------------------------------------------------------- cached scoring (serving)
+    # The KV-cache form of M-FALCON. A candidate attends to the history's keys and values and to
+    # itself, so the history's per-layer keys and values are all it needs: encode them once
+    # (`encode_histories`), then score any number of candidates against them (`score_candidates`)
+    # at C x history cost instead of (history + C)^2, and keep them between requests.
+    #
+    # The last history token is the one query token whose output depends on the request time
+    # (`query_time="next"`), and only candidates see it (it is the last): the cache holds every
+    # other token's keys and values plus the last token's input, and each request runs that
+    # token through the layers at its own time (`_request_state`, the cost of one candidate).
+
+    def _check_cacheable(self) -> None:
+        if self.config.encoder != "hstu":
+            raise ModelInputError(f"cached scoring needs model.encoder 'hstu', got {self.config.encoder!r}")
+        if self.config.normalize_by_length:
+            raise ModelInputError(
+                "cached scoring needs model.normalize_by_length false: with it every history token's "
+                "output depends on the number of candidates, so a history cannot be encoded once"
+            )
+
+    @torch.no_grad()
+    def encode_histories(
+        self, *, item_ids: Tensor, actions: Tensor, timestamps_ms: Tensor, offsets: Tensor | None = None
+    ) -> list[HistoryCache]:
+        """Encode jagged histories (one call, the attention kernel's batching) into one
+        `HistoryCache` per user, for `score_candidates` and `retrieve_cached`.
+
+        Inputs as in `rank`: raw item ids, action codes and times in ms [E], offsets [B+1]
+        (None: one user); every user needs at least one event.
+        """
+        self._check_cacheable()
+        rows, acts, ts, offsets = self._prepare(item_ids, actions, timestamps_ms, offsets)
+        layout = self.layout(offsets)
+        x, tok_seconds, query_seconds = self._embed(rows, acts, ts, layout)
+        first = x
+        kvs = []
+        for layer in self.encoder.layers:
+            x, k, v = layer.forward_kv(x, layout=layout, seconds=tok_seconds, query_seconds=query_seconds)
+            kvs.append((k, v))
+        tok = layout.offsets.tolist()
+        ev = offsets.tolist()
+        caches = []
+        for b in range(len(tok) - 1):
+            start, last = tok[b], tok[b + 1] - 1
+            caches.append(
+                HistoryCache(
+                    keys=tuple(k[start:last].permute(1, 2, 0).contiguous() for k, _ in kvs),
+                    values=tuple(v[start:last].permute(1, 0, 2).contiguous() for _, v in kvs),
+                    seconds=tok_seconds[start:last].clone(),
+                    last_input=first[last].clone(),
+                    last_seconds=tok_seconds[last].clone(),
+                    num_tokens=last + 1 - start,
+                    last_event_ms=int(ts[ev[b + 1] - 1]),
+                    rows=rows[ev[b] : ev[b + 1]].clone(),
+                )
+            )
+        return caches
+
+    def encode_history(self, *, item_ids: Tensor, actions: Tensor, timestamps_ms: Tensor) -> HistoryCache:
+        """One user's `encode_histories`."""
+        return self.encode_histories(item_ids=item_ids, actions=actions, timestamps_ms=timestamps_ms)[0]
+
+    def _stack(self, caches: Sequence[HistoryCache]) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
+        """The caches' keys [B, h, dqk, P] and values [B, h, P, dv] per layer, times [B, P] and
+        lengths [B], padded to the longest history with zeros (a zero value adds nothing)."""
+        lengths = [c.seconds.numel() for c in caches]
+        longest = max(lengths)
+        if min(lengths) == longest:
+            keys = [torch.stack([c.keys[i] for c in caches]) for i in range(len(self.encoder.layers))]
+            values = [torch.stack([c.values[i] for c in caches]) for i in range(len(self.encoder.layers))]
+            seconds = torch.stack([c.seconds for c in caches])
+        else:
+            keys, values = [], []
+            for i in range(len(self.encoder.layers)):
+                keys.append(torch.stack([F.pad(c.keys[i], (0, longest - n)) for c, n in zip(caches, lengths)]))
+                values.append(
+                    torch.stack([F.pad(c.values[i], (0, 0, 0, longest - n)) for c, n in zip(caches, lengths)])
+                )
+            seconds = torch.stack([F.pad(c.seconds, (0, longest - n)) for c, n in zip(caches, lengths)])
+        return keys, values, seconds, torch.tensor(lengths, device=self.device)
+
+    def _cached_bias(
+        self, *, positions: Tensor, cached_seconds: Tensor, seconds: Tensor, query_seconds: Tensor
+    ) -> CachedBias:
+        """`CachedBias` for new tokens at `positions` [B] with times and query times [B, N]
+        against cached tokens with times [B, P]."""
+        layer = self.encoder.layers[0]
+        longest = cached_seconds.shape[1]
+        cols = torch.arange(longest, device=self.device)
+        pos = time = own = None
+        if layer.pos_bias is not None:
+            pos = relative_position_bucket(positions[:, None] - cols[None, :], layer.pos_bias.shape[1])
+        if layer.time_bias is not None:
+            buckets = layer.time_bias.shape[1]
+            # One query time for all of a user's new tokens (the usual request): one row, broadcast.
+            shared = bool((query_seconds == query_seconds[:, :1]).all())
+            rows = query_seconds[:, :1] if shared else query_seconds
+            time = time_bucket(rows[:, :, None] - cached_seconds[:, None, :], buckets)  # (B, N or 1, P)
+            own = time_bucket(query_seconds - seconds, buckets)  # (B, N)
+        return CachedBias(pos=pos, time=time, own_time=own)
+
+    def _extend(
+        self, x: Tensor, *, keys: list[Tensor], values: list[Tensor], bias: CachedBias
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Run new tokens x [B, N, dim] through every layer against cached keys and values: their
+        outputs [B, N, dim] and per-layer keys [B, N, h, dqk] and values [B, N, h, dv]."""
+        batch, num_new, dim = x.shape
+        flat = x.reshape(batch * num_new, dim)
+        new_keys, new_values = [], []
+        for layer, cached_k, cached_v in zip(self.encoder.layers, keys, values):
+            u, q, k, v = layer.project(flat)
+            q, k, v = (t.reshape(batch, num_new, *t.shape[1:]) for t in (q, k, v))
+            attn = layer.attend_cached(q, k, v, keys=cached_k, values=cached_v, bias=bias)
+            flat = layer.output(flat, u, attn.reshape(batch * num_new, *attn.shape[2:]))
+            new_keys.append(k)
+            new_values.append(v)
+        return flat.reshape(batch, num_new, dim), new_keys, new_values
+
+    def _request_states(
+        self, caches: Sequence[HistoryCache], request_seconds: Tensor | None
+    ) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor, Tensor]:
+        """Each full history at its request time: keys and values per layer, times [B, T] and
+        lengths [B] (padded as in `_stack`), and the last token's output [B, dim]."""
+        keys, values, seconds, lengths = self._stack(caches)
+        last = torch.stack([c.last_input for c in caches])[:, None, :]  # (B, 1, dim)
+        own = torch.stack([c.last_seconds for c in caches])[:, None]  # (B, 1)
+        query = request_seconds[:, None].to(own) if self.next_query_time and request_seconds is not None else own
+        bias = self._cached_bias(positions=lengths, cached_seconds=seconds, seconds=own, query_seconds=query)
+        out, new_keys, new_values = self._extend(last, keys=keys, values=values, bias=bias)
+        # The last token joins its history at index lengths[b] (after a shorter history's padding
+        # that is one column of the padding).
+        rows = torch.arange(len(caches), device=self.device)
+        full_keys, full_values = [], []
+        for cached_k, cached_v, k, v in zip(keys, values, new_keys, new_values):
+            cached_k, cached_v = F.pad(cached_k, (0, 1)), F.pad(cached_v, (0, 0, 0, 1))
+            cached_k[rows, :, :, lengths] = k[:, 0]
+            cached_v[rows, :, lengths, :] = v[:, 0]
+            full_keys.append(cached_k)
+            full_values.append(cached_v)
+        seconds = F.pad(seconds, (0, 1))
+        seconds[rows, lengths] = own[:, 0]
+        return full_keys, full_values, seconds, lengths + 1, out[:, 0]
+
+    @torch.no_grad()
+    def score_candidates_many(
+        self,
+        caches: Sequence[HistoryCache],
+        *,
+        candidate_ids: Sequence[Tensor],
+        candidate_timestamps_ms: Sequence[Tensor | None] | None = None,
+        request_timestamps_ms: Sequence[int | None] | None = None,
+        micro_batch: int = 512,
+    ) -> list[Tensor]:
+        """`score_candidates` for many users in one pass (their histories padded to the longest):
+        action logits [C_b, num_actions] per user. Candidates go through in rounds of up to
+        `micro_batch` per user."""
+        if self.action_head is None:
+            raise ModelInputError("ranking candidates needs model.layout 'interleaved' (action_head scores them)")
+        if micro_batch < 1:
+            raise ModelInputError(f"micro_batch ({micro_batch}) must be >= 1")
+        users = len(caches)
+        if users == 0:
+            return []
+        if len(candidate_ids) != users:
+            raise ModelInputError(f"{len(candidate_ids)} candidate lists for {users} histories")
+        times = list(candidate_timestamps_ms) if candidate_timestamps_ms is not None else [None] * users
+        requests = list(request_timestamps_ms) if request_timestamps_ms is not None else [None] * users
+        if len(times) != users or len(requests) != users:
+            raise ModelInputError(
+                f"candidate_timestamps_ms ({len(times)}) and request_timestamps_ms ({len(requests)}) need one "
+                f"entry per history ({users})"
+            )
+        ids, secs = [], []
+        for cache, cands, when in zip(caches, candidate_ids, times):
+            position = cache.num_tokens  # every candidate takes the position after the history
+            if self.pos_emb is not None and position >= self.pos_emb.num_embeddings:
+                raise ModelInputError(
+                    f"a history of {cache.num_tokens} tokens puts candidates at position {position}, the model has "
+                    f"positions up to {self.pos_emb.num_embeddings - 1}: keep at most max_seq_len = "
+                    f"{self.config.max_seq_len} events"
+                )
+            cands = cands.reshape(-1)
+            when = torch.full_like(cands, cache.last_event_ms, dtype=torch.int64) if when is None else when
+            if when.shape != cands.shape:
+                raise ModelInputError(
+                    f"candidate_timestamps_ms {tuple(when.shape)} must match candidate_ids {tuple(cands.shape)}"
+                )
+            ids.append(cands)
+            secs.append(bias_seconds(when.to(self.device, torch.int64)))
+        counts = [c.numel() for c in ids]
+        rows = self.table.lookup(torch.cat(ids)).to(self.device).split(counts)
+        request_seconds = torch.stack(
+            [
+                bias_seconds(torch.tensor(int(r), device=self.device))
+                if r is not None
+                else (s[0] if s.numel() else c.last_seconds)
+                for r, s, c in zip(requests, secs, caches)
+            ]
+        )
+        keys, values, seconds, lengths, _ = self._request_states(caches, request_seconds)
+        positions = torch.tensor([c.num_tokens for c in caches], device=self.device)
+        place = self.pos_emb(positions)[:, None, :] if self.pos_emb is not None else 0.0  # (B, 1, dim)
+        logits: list[list[Tensor]] = [[] for _ in caches]
+        for start in range(0, max(counts), micro_batch):
+            sizes = [max(0, min(micro_batch, n - start)) for n in counts]
+            width = max(sizes)
+            # Users with fewer candidates this round are padded (row 0, their first time); dropped after.
+            chunk_rows = torch.zeros(users, width, dtype=torch.int64, device=self.device)
+            chunk_secs = torch.stack([s[:1] if s.numel() else c.last_seconds.reshape(1) for s, c in zip(secs, caches)])
+            chunk_secs = chunk_secs.expand(users, width).clone()
+            for b, size in enumerate(sizes):
+                chunk_rows[b, :size] = rows[b][start : start + size]
+                chunk_secs[b, :size] = secs[b][start : start + size]
+            x = self.table(chunk_rows) * self.input_scale + place
+            x = F.dropout(x, p=self.config.input_dropout, training=self.training)
+            bias = self._cached_bias(
+                positions=positions,
+                cached_seconds=seconds,
+                seconds=chunk_secs,
+                query_seconds=chunk_secs,  # candidates keep their own time (`query_times`)
+            )
+            out, _, _ = self._extend(x, keys=keys, values=values, bias=bias)
+            chunk_logits = self.action_head(out)  # (B, width, A)
+            for b, size in enumerate(sizes):
+                if size:
+                    logits[b].append(chunk_logits[b, :size])
+        empty = torch.zeros(0, self.config.num_actions, device=self.device)
+        return [torch.cat(parts) if parts else empty for parts in logits]
+
+    def score_candidates(
+        self,
+        cache: HistoryCache,
+        *,
+        candidate_ids: Tensor,
+        candidate_timestamps_ms: Tensor | None = None,
+        request_timestamp_ms: int | None = None,
+        micro_batch: int = 512,
+    ) -> Tensor:
+        """Action logits [C, num_actions] of candidates against an encoded history: `rank`'s
+        result for the same inputs (tests/trainer/test_model.py holds them equal), in micro-batches
+        of `micro_batch` candidates. Defaults as in `rank`: candidates at the last event's time,
+        the request at the first candidate's time.
+        """
+        return self.score_candidates_many(
+            [cache],
+            candidate_ids=[candidate_ids],
+            candidate_timestamps_ms=[candidate_timestamps_ms],
+            request_timestamps_ms=[request_timestamp_ms],
+            micro_batch=micro_batch,
+        )[0]
+
+    @torch.no_grad()
+    def query_embedding(self, cache: HistoryCache, *, request_timestamp_ms: int | None = None) -> Tensor:
+        """The retrieval query [dim] of an encoded history (L2-normalised): `user_embeddings`'s
+        row for the same history; request_timestamp_ms defaults to the last event's time."""
+        request = None
+        if request_timestamp_ms is not None:
+            request = bias_seconds(torch.tensor([int(request_timestamp_ms)], device=self.device))
+        *_, last = self._request_states([cache], request)
+        return F.normalize(last[0], dim=-1)
+
+    @torch.no_grad()
+    def retrieve_cached(
+        self,
+        cache: HistoryCache,
+        *,
+        k: int,
+        exclude_seen: bool = True,
+        request_timestamp_ms: int | None = None,
+        item_embeddings: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """`retrieve` for one encoded history: top-k raw ids [k] and scores [k] over the live rows.
+
+        item_embeddings: `self.item_embeddings()` when the caller keeps one (serving computes it
+        once per model version); computed here otherwise.
+        """
+        query = self.query_embedding(cache, request_timestamp_ms=request_timestamp_ms)
+        items = self.item_embeddings() if item_embeddings is None else item_embeddings
+        scores = (items @ query)[None]  # (1, num_rows)
+        scores = scores.masked_fill(~self.table.live_mask().to(scores.device), -math.inf)
+        if exclude_seen:
+            scores[0, cache.rows] = -math.inf
+        ids, values = self._top_live(scores, k)
+        return ids[0], values[0]
 
 
 def build_model(

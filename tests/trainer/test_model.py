@@ -228,3 +228,147 @@ def test_config_rejects_conflicts() -> None:
         ModelConfig(encoder="sasrec", num_heads=3)
     with pytest.raises(ValueError, match=r"model.dropout \(1.0\)"):
         ModelConfig(dropout=1.0)
+
+
+# ----------------------------------------------------------------------------- cached scoring
+def history(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One user's n events (ids, actions, times in ms) in 2023."""
+    _, ids, actions, ts = batch([n], seed=seed)
+    return ids, actions, ts + 1_700_000_000_000
+
+
+def encode(model: HSTUModel, n: int):
+    ids, actions, ts = history(n)
+    return model.encode_history(item_ids=ids, actions=actions, timestamps_ms=ts)
+
+
+@pytest.mark.parametrize("query_time", ["token", "next"])
+@pytest.mark.parametrize("learned_positions", [True, False], ids=["pos-emb", "no-pos-emb"])
+def test_cached_scoring_gives_the_full_pass_logits(query_time: str, learned_positions: bool) -> None:
+    """The KV-cache form of M-FALCON is `rank`'s one pass, whatever the micro-batch."""
+    model = make(
+        layout="interleaved",
+        max_candidates=20,
+        query_time=query_time,
+        learned_positions=learned_positions,
+        num_time_buckets=64,  # buckets up to 5 years, so the later request below changes them
+    ).eval()
+    ids, actions, ts = history(24)
+    cands = torch.tensor([3, 17, 29, 41, 1000, 5, 6, 7, 3, 58])  # an unknown id (OOV row) and a repeat
+    when = torch.full((cands.numel(),), int(ts[-1]) + 86_400_000)
+    full = model.rank(
+        item_ids=ids, actions=actions, timestamps_ms=ts, candidate_ids=cands, candidate_timestamps_ms=when
+    )
+    cache = model.encode_history(item_ids=ids, actions=actions, timestamps_ms=ts)
+    for micro_batch in (1, 3, 512):
+        cached = model.score_candidates(
+            cache, candidate_ids=cands, candidate_timestamps_ms=when, micro_batch=micro_batch
+        )
+        assert torch.allclose(cached, full, atol=1e-5), (micro_batch, (cached - full).abs().max())
+    # defaults as in rank: candidates at the last event's time, the request at the first candidate's
+    plain = model.rank(item_ids=ids, actions=actions, timestamps_ms=ts, candidate_ids=cands)
+    assert torch.allclose(model.score_candidates(cache, candidate_ids=cands), plain, atol=1e-5)
+    # one cache serves any request time: only the last token depends on it
+    later = model.rank(
+        item_ids=ids,
+        actions=actions,
+        timestamps_ms=ts,
+        candidate_ids=cands,
+        candidate_timestamps_ms=when + 10**9,
+        request_timestamps_ms=when[:1] + 10**9,
+    )
+    cached_later = model.score_candidates(
+        cache, candidate_ids=cands, candidate_timestamps_ms=when + 10**9, request_timestamp_ms=int(when[0]) + 10**9
+    )
+    assert torch.allclose(cached_later, later, atol=1e-5)
+    assert not torch.allclose(later, full, atol=1e-4)  # the times matter, so the check above means something
+
+
+def test_cached_scoring_with_candidates_at_different_times() -> None:
+    model = make(layout="interleaved", max_candidates=6, query_time="next", num_time_buckets=64).eval()
+    ids, actions, ts = history(10)
+    cands = torch.tensor([3, 17, 29, 41])
+    when = int(ts[-1]) + torch.tensor([0, 60_000, 86_400_000, 10**10])
+    full = model.rank(
+        item_ids=ids, actions=actions, timestamps_ms=ts, candidate_ids=cands, candidate_timestamps_ms=when
+    )
+    cache = model.encode_history(item_ids=ids, actions=actions, timestamps_ms=ts)
+    cached = model.score_candidates(cache, candidate_ids=cands, candidate_timestamps_ms=when, micro_batch=3)
+    assert torch.allclose(cached, full, atol=1e-5)
+
+
+def test_encode_histories_batches_users_like_one_at_a_time() -> None:
+    model = make(layout="interleaved", max_candidates=4).eval()
+    offsets, ids, actions, ts = batch([5, 1, 12])
+    caches = model.encode_histories(item_ids=ids, actions=actions, timestamps_ms=ts, offsets=offsets)
+    cands = torch.tensor([8, 9, 10])
+    for b, cache in enumerate(caches):
+        s, e = int(offsets[b]), int(offsets[b + 1])
+        alone = model.encode_history(item_ids=ids[s:e], actions=actions[s:e], timestamps_ms=ts[s:e])
+        assert cache.num_tokens == alone.num_tokens == 2 * (e - s)
+        full = model.rank(item_ids=ids[s:e], actions=actions[s:e], timestamps_ms=ts[s:e], candidate_ids=cands)
+        assert torch.allclose(model.score_candidates(cache, candidate_ids=cands), full, atol=1e-5)
+        assert torch.allclose(model.score_candidates(alone, candidate_ids=cands), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("query_time", ["token", "next"])
+def test_many_users_score_in_one_pass_like_each_alone(query_time: str) -> None:
+    """Histories of different lengths (padded) and candidate lists of different sizes (rounds
+    that leave some users out) give each user's own full-pass logits."""
+    model = make(layout="interleaved", max_candidates=12, query_time=query_time, num_time_buckets=64).eval()
+    offsets, ids, actions, ts = batch([7, 1, 24, 3], seed=3)
+    caches = model.encode_histories(item_ids=ids, actions=actions, timestamps_ms=ts, offsets=offsets)
+    cands = [torch.tensor([3, 17, 29]), torch.tensor([5]), torch.arange(1, 13), torch.tensor([], dtype=torch.int64)]
+    requests = [int(ts[int(offsets[b + 1]) - 1]) + 3_600_000 * (b + 1) for b in range(4)]
+    times = [torch.full((c.numel(),), r) for c, r in zip(cands, requests)]
+    got = model.score_candidates_many(caches, candidate_ids=cands, candidate_timestamps_ms=times, micro_batch=5)
+    for b in range(4):
+        s, e = int(offsets[b]), int(offsets[b + 1])
+        if cands[b].numel() == 0:
+            assert got[b].shape == (0, 4)
+            continue
+        full = model.rank(
+            item_ids=ids[s:e],
+            actions=actions[s:e],
+            timestamps_ms=ts[s:e],
+            candidate_ids=cands[b],
+            candidate_timestamps_ms=times[b],
+        )
+        assert torch.allclose(got[b], full, atol=1e-5), (b, (got[b] - full).abs().max())
+
+
+@pytest.mark.parametrize("layout", ["items", "interleaved"])
+@pytest.mark.parametrize("query_time", ["token", "next"])
+def test_cached_retrieval_gives_retrieve(layout: str, query_time: str) -> None:
+    model = make(layout=layout, query_time=query_time).eval()
+    ids, actions, ts = history(9)
+    request = torch.tensor([int(ts[-1]) + 3_600_000])
+    top, scores = model.retrieve(item_ids=ids, actions=actions, timestamps_ms=ts, k=7, request_timestamps_ms=request)
+    cache = model.encode_history(item_ids=ids, actions=actions, timestamps_ms=ts)
+    got, got_scores = model.retrieve_cached(cache, k=7, request_timestamp_ms=int(request[0]))
+    assert got.tolist() == top[0].tolist()
+    assert torch.allclose(got_scores, scores[0], atol=1e-5)
+    given = model.retrieve_cached(
+        cache, k=7, request_timestamp_ms=int(request[0]), item_embeddings=model.item_embeddings()
+    )
+    assert given[0].tolist() == top[0].tolist()
+    with_seen, _ = model.retrieve_cached(cache, k=60, exclude_seen=False)
+    assert set(ids.tolist()) <= set(with_seen.tolist())
+
+
+def test_cached_scoring_input_errors() -> None:
+    with pytest.raises(ModelInputError, match="normalize_by_length false"):
+        encode(make(layout="interleaved", normalize_by_length=True), 3)
+    with pytest.raises(ModelInputError, match="encoder 'hstu'"):
+        encode(make(encoder="sasrec", num_time_buckets=0), 3)
+    items = make().eval()
+    with pytest.raises(ModelInputError, match="layout 'interleaved'"):
+        items.score_candidates(encode(items, 3), candidate_ids=torch.tensor([1]))
+    model = make(layout="interleaved").eval()  # positions for 25 events, candidates included
+    full = encode(model, 25)
+    with pytest.raises(ModelInputError, match=r"keep at most max_seq_len = 24 events"):
+        model.score_candidates(full, candidate_ids=torch.tensor([1]))
+    ok = encode(model, 24)
+    with pytest.raises(ModelInputError, match=r"micro_batch \(0\)"):
+        model.score_candidates(ok, candidate_ids=torch.tensor([1]), micro_batch=0)
+    assert model.score_candidates(ok, candidate_ids=torch.tensor([], dtype=torch.int64)).shape == (0, 4)
