@@ -1,15 +1,21 @@
 """The main job on the embedded default, end to end with what the project has today.
 
-    python -m infra.main_job [--dataset ml-100k] [--bootstrap 127.0.0.1:9092]
+    python -m infra.main_job [--dataset ml-100k] [--bootstrap HOST:PORT] [--minutes 3 | --forever] [key=value ...]
 
 1. Converts the MovieLens dataset to a recorded Kafka log (`.state/logs/<dataset>.parquet`).
 2. Replays it into the local broker's `engagements` topic (skipped when the topic already
    holds exactly that log, so a re-run does not duplicate events).
 3. Consumes the topic back, decodes every event and prints counts (events per partition,
    users, items, actions, dead letters), checking them against the log.
-4. Runs the streaming job (`python -m streaming.job --until-idle`) on the topic: Ray Data
-   micro-batches turn the events into rolling per-user sequences in the SQLite Feast store,
-   committing offsets as they become durable; a re-run finds nothing new to apply.
+4. Runs the loop (infra/loop.py) on the topic for `--minutes` (default 3; `--forever`: until
+   Ctrl-C): a local Ray cluster; the main job, `trainer/stream_train.py`, whose streaming job
+   (Ray Data micro-batches) turns the events into rolling per-user sequences in the SQLite Feast
+   store and whose Ray Train workers train HSTU on what they have not trained yet (prequential
+   HR@10 beside popularity), publishing model versions into `.state/registry`; the Serve app,
+   following that registry; and live synthetic events at `--rate`/s. Every few seconds it prints
+   the rankings of a few users with the version that answered; at the end it stops everything,
+   writes `.state/loop/timeline.png` and prints a summary. A re-run finds the log's events
+   applied and trained already and resumes from the checkpoint's offsets.
 
 `bash infra/run_main.sh` sets up, starts the broker when none is running, and runs this.
 """
@@ -19,17 +25,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import sys
 import time
 
 import numpy as np
 
 from config.logs import setup_logging
-from config.paths import REPO_ROOT, state_dir
+from config.paths import state_dir
 from features.movielens import DATASETS
 from infra.datasets.movielens import write_movielens_log
 from infra.kafka.broker import read_info
+from infra.loop import add_arguments, run_loop
 from infra.recorded_log import read_topic, replay_log
 from streaming.events import ActionVocab, decode_values
 from streaming.recorded_log import read_log
@@ -57,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dataset", default="ml-100k", choices=sorted(DATASETS))
     parser.add_argument("--bootstrap", help="broker address (default: the one `python -m infra.kafka start` runs)")
+    add_arguments(parser)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for trainer/stream_train.py")
     args = parser.parse_args(argv)
     setup_logging()
 
@@ -114,21 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the topic does not give back the log: {table.num_rows} events vs {n}", file=sys.stderr)
         return 1
 
-    log.info("4/4 streaming job: %s -> Feast", TOPIC)
-    # The topic holds a recorded log (timestamps from 1997-98): freshness on the log's own clock.
-    job = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "streaming.job",
-            "--source",
-            f"kafka://{bootstrap}/{TOPIC}",
-            "--until-idle",
-            "freshness_clock=log",
-        ],
-        cwd=REPO_ROOT,
-    )
-    return job.returncode
+    log.info("4/4 the loop: %s -> Feast -> HSTU on Ray Train -> registry -> Ray Serve", TOPIC)
+    # The topic starts with a recorded log (timestamps from 1997-98): freshness on the log's clock.
+    args.overrides = ["streaming.freshness_clock=log", *args.overrides]
+    args.topic = TOPIC
+    return run_loop(args, bootstrap)
 
 
 if __name__ == "__main__":
