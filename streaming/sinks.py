@@ -249,6 +249,29 @@ class FileDeadLetters:
         pass
 
 
+def _ensure_topic(bootstrap: str, topic: str, *, request_timeout_ms: int, security: KafkaSecurityConfig | None) -> None:
+    """Create the dead-letter topic (1 partition) when it does not exist: brokers usually refuse
+    to create topics on first use, and a producer would then wait for metadata forever."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap,
+        request_timeout_ms=max(request_timeout_ms, 11_000),
+        **kafka_python_kwargs(security),
+    )
+    try:
+        if topic not in admin.list_topics():
+            try:
+                admin.create_topics(
+                    [NewTopic(name=topic, num_partitions=1, replication_factor=-1)]
+                )  # the broker default
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()
+
+
 class KafkaDeadLetters:
     """Dead letters produced to a topic; `flush` returns once the broker has them all."""
 
@@ -266,6 +289,7 @@ class KafkaDeadLetters:
         self.topic = topic
         self.source_topic = source_topic
         self._errors: list[BaseException] = []
+        _ensure_topic(bootstrap, topic, request_timeout_ms=request_timeout_ms, security=security)
         self._producer = KafkaProducer(
             bootstrap_servers=bootstrap,
             acks="all",

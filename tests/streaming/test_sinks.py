@@ -132,3 +132,25 @@ def test_kafka_dead_letters_carry_value_key_and_reason(kafka_bootstrap, new_topi
         "source_partition": b"2",
         "source_offset": b"40",
     }
+
+
+@pytest.mark.kafka
+def test_kafka_dead_letters_create_a_missing_topic(kafka_bootstrap):
+    """The broker refuses to create topics on first use: the sink creates its own, or its first
+    letters would wait for metadata until the batch fails."""
+    import uuid
+
+    from kafka.admin import KafkaAdminClient
+
+    dlq = f"missing-dlq-{uuid.uuid4().hex[:8]}"
+    sink = KafkaDeadLetters(kafka_bootstrap, dlq, source_topic="engagements")
+    try:
+        sink.send(letters([(0, 3)]))
+        sink.flush()
+    finally:
+        sink.close()
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        assert dlq in admin.list_topics()
+    finally:
+        admin.close()
