@@ -34,6 +34,9 @@ def ray_env(token: str | None = None) -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     # Its workers import the project from this checkout (a submitted job's working dir goes first).
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    # Serve's controller gives a new HTTP proxy 5 s to be ready before it kills it (and the deploy
+    # fails); a worker process takes longer than that to start on a busy small machine.
+    env.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     if token is not None:
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     return env
@@ -65,7 +68,20 @@ class LocalCluster:
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def start(self) -> LocalCluster:
+    def start(self, attempts: int = 2) -> LocalCluster:
+        """Start the head; a start that fails (Ray gives a raylet 30 s to register, which a busy
+        small machine can miss) is cleaned up, and tried again up to `attempts` times in all."""
+        for attempt in range(1, attempts + 1):
+            try:
+                self._start()
+                return self
+            except RuntimeError:
+                if attempt == attempts:
+                    raise
+            time.sleep(2)
+        return self
+
+    def _start(self) -> None:
         try:
             out = subprocess.run(
                 [
@@ -79,6 +95,10 @@ class LocalCluster:
                     f"--dashboard-port={self.dashboard_port}",
                     "--dashboard-host=127.0.0.1",
                     f"--temp-dir={self.temp}",
+                    # The agent's HTTP port (how `ray job submit` reaches it) defaults to 52365: any
+                    # other Ray of the machine (a test session's, a user's) holding it leaves this
+                    # head without a job agent ("No available agent to submit job").
+                    f"--dashboard-agent-listen-port={free_port()}",
                     "--disable-usage-stats",
                 ],
                 env=self.env,
@@ -93,7 +113,6 @@ class LocalCluster:
         except BaseException:  # a half-started head (its GCS, dashboard, ...) must not outlive the failure
             self.stop()
             raise
-        return self
 
     def _wait_for_job_agent(self, timeout_s: float = 120) -> None:
         """The job server answers before the agent that runs jobs is up: wait for `ray job list`."""
@@ -138,6 +157,7 @@ class LocalCluster:
             f"--address={self.address}",
             f"--num-cpus={num_cpus}",
             "--node-ip-address=127.0.0.1",
+            f"--dashboard-agent-listen-port={free_port()}",  # not the head's (see _start)
             "--disable-usage-stats",
         ]
         if resources:

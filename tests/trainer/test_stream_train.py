@@ -7,7 +7,7 @@
 - the streaming job SIGKILLed mid-run: it restarts, the features are exact, training resumes;
 - two workers end with byte-identical models and tables after admissions and evictions;
 - the CLI: a bad config exits 2 with the key; `--until-idle` on a recorded log exits 0;
-- `ray job submit` against a `ray start --head` cluster of this machine.
+- (`ray job submit` against a `ray start --head` cluster: tests/infra/test_two_nodes.py).
 """
 
 from __future__ import annotations
@@ -376,42 +376,5 @@ def test_cli_refuses_a_bad_config_with_the_key() -> None:
     assert out.returncode == 2 and "train.batch_size (0) must be >= 1" in out.stderr
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_ray_job_submit_against_a_head_node(tmp_path) -> None:
-    """`ray start --head` on this machine, then `ray job submit --working-dir . -- python
-    trainer/stream_train.py ... --until-idle`: the job succeeds and publishes a version."""
-    from infra.ray_cluster import LocalCluster
-
-    log_path, _ = ml100k_log(tmp_path / "ml.parquet", 3_000)
-    cluster = LocalCluster(tmp_path.name).start()
-    try:
-        overrides = [
-            *SMALL,
-            f"storage_dir={tmp_path / 'run'}",
-            f"publish.registry={tmp_path / 'registry'}",
-            f"streaming.state_dir={tmp_path / 'job'}",
-            f"streaming.feast.state_dir={tmp_path / 'feast'}",
-            "streaming.group_id=submit",
-            "streaming.feed.actor_name=feed-submit",
-        ]
-        job = cluster.submit(
-            [
-                "--working-dir",
-                ".",
-                "--",
-                "python",
-                "trainer/stream_train.py",
-                "--source",
-                f"log://{log_path}",
-                "--until-idle",
-                *overrides,
-            ],
-            cwd=REPO_ROOT,
-            timeout_s=480,
-        )
-        assert job.returncode == 0, (job.stdout[-3000:], job.stderr[-2000:])
-        assert "succeeded" in job.stdout
-        assert Registry(tmp_path / "registry").load().version >= 1
-    finally:
-        cluster.stop()
+# `ray job submit --working-dir . -- python trainer/stream_train.py ...` against `ray start --head`:
+# tests/infra/test_two_nodes.py (a head and a second node; the job's workers land on both).
