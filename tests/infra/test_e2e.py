@@ -44,6 +44,7 @@ SMALL = [  # CPU-sized: the model of trainer/configs/stream.yaml at small dimens
     "train.progress_every_s=5",
     "eval.max_events=300",
 ]
+ROUNDS, ROUND_GAP_S = 10, 2.0  # the burst
 NEW_ITEM = 1700  # ML-100K's items are 1..1682: no version has seen it
 CANDIDATES = [50, 100, 181, 258, 286, 288, 294, 300, 1, 121, 174, 127, 98, 56, 7, 117, 172, 222, 313, NEW_ITEM]
 
@@ -91,6 +92,9 @@ def test_a_burst_reaches_the_ranking_and_malformed_events_reach_the_dlq(
             f"streaming.dlq_topic={topic}.dlq",
             f"streaming.feed.actor_name=feed-{topic}",
             "streaming.freshness_clock=log",
+            # A stream trains each event once and coalesces the replay into a few steps: a higher
+            # rate than SMALL's lets the burst's ~10 steps move the new item's row visibly.
+            "train.lr=2e-2",
         ),
         kafka_bootstrap,
     )
@@ -105,27 +109,32 @@ def test_a_burst_reaches_the_ranking_and_malformed_events_reach_the_dlq(
         before = wait_for(lambda: rank_of_new_item(url, user), timeout_s=300)
         assert before is not None, f"no version answered /rank in 300 s: see {loop.trainer_log}"
 
-        # The burst: every user of the group rates the new item 5, three times, now; malformed
-        # values (not JSON, a missing field, an unknown action, a negative id) mixed in.
-        now = time.time_ns() // 1_000_000
-        users = np.repeat(group, 3)
-        good = encode_values(users, np.full(len(users), NEW_ITEM), ["rate_5"] * len(users), now + np.arange(len(users)))
+        # The burst: every user of the group rates the new item 5, in ROUNDS a few seconds apart
+        # (each round is at least one training step: a stream trains each event once, and one
+        # optimizer step barely moves a new row); malformed values (not JSON, a missing field, an
+        # unknown action, a negative id) mixed in.
         bad = [
             b"not json at all",
-            json.dumps({"user_id": 5, "action": "rate_5", "ts_ms": now}).encode(),
-            json.dumps({"user_id": 5, "item_id": NEW_ITEM, "action": "rate_9", "ts_ms": now}).encode(),
-            json.dumps({"user_id": -3, "item_id": NEW_ITEM, "action": "rate_5", "ts_ms": now}).encode(),
+            json.dumps({"user_id": 5, "action": "rate_5", "ts_ms": 0}).encode(),
+            json.dumps({"user_id": 5, "item_id": NEW_ITEM, "action": "rate_9", "ts_ms": 0}).encode(),
+            json.dumps({"user_id": -3, "item_id": NEW_ITEM, "action": "rate_5", "ts_ms": 0}).encode(),
         ]
         from kafka import KafkaProducer
 
         producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
-        for i, value in enumerate(good):
-            producer.send(topic, key=b"%d" % users[i], value=value, timestamp_ms=now)
-            if i % 30 == 0:
-                producer.send(topic, key=b"bad", value=bad[(i // 30) % len(bad)], timestamp_ms=now)
-        producer.flush()
+        sent_bad = []
+        for round_ in range(ROUNDS):
+            now = time.time_ns() // 1_000_000
+            good = encode_values(
+                group, np.full(len(group), NEW_ITEM), ["rate_5"] * len(group), now + np.arange(len(group))
+            )
+            for user_id, value in zip(group, good):
+                producer.send(topic, key=b"%d" % user_id, value=value, timestamp_ms=now)
+            producer.send(topic, key=b"bad", value=bad[round_ % len(bad)], timestamp_ms=now)
+            sent_bad.append(bad[round_ % len(bad)])
+            producer.flush()
+            time.sleep(ROUND_GAP_S)
         producer.close()
-        sent_bad = [bad[(i // 30) % len(bad)] for i in range(0, len(good), 30)]
 
         def improved():
             now_rank = rank_of_new_item(url, user)
