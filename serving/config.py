@@ -112,6 +112,12 @@ class ServingConfig:
       checkout's `.state/registry` (moved by HSTU_STATE_DIR); a relative path is relative to the
       checkout (replicas do not share the shell's working directory).
     poll_interval_s: how often the background watcher reads the registry's LATEST.
+    activate_delay_s: a new version answers from its manifest's `created_ms` plus this delay, on
+      every replica at that same moment (a replica that loaded it sooner waits, one that loads it
+      later swaps at once): so a client whose requests land on different replicas never sees the
+      versions go back, as long as every replica loads a version within the delay. It needs the
+      nodes' clocks in step (NTP). 0 swaps each replica as soon as it has loaded; a pinned version
+      (a rollback) swaps at once.
     history_cache_mb: the per-replica LRU cache of encoded histories (a 200-event history of
       the ML-1M HSTU config costs ~330 KB).
     num_threads: torch threads per replica (one replica per core scales better than threads).
@@ -122,6 +128,7 @@ class ServingConfig:
 
     registry: Path | None = None
     poll_interval_s: float = 1.0
+    activate_delay_s: float = 3.0
     history_cache_mb: float = 512.0
     num_threads: int = 1
     switch_interval_ms: float = 0.5
@@ -133,6 +140,8 @@ class ServingConfig:
     def __post_init__(self) -> None:
         if self.poll_interval_s <= 0:
             raise ValueError(f"poll_interval_s ({self.poll_interval_s}) must be > 0")
+        if self.activate_delay_s < 0:
+            raise ValueError(f"activate_delay_s ({self.activate_delay_s}) must be >= 0")
         if self.history_cache_mb < 0:
             raise ValueError(f"history_cache_mb ({self.history_cache_mb}) must be >= 0 (0 turns the cache off)")
         if self.num_threads < 1:

@@ -43,7 +43,10 @@ class RecommenderService:
         torch.set_num_threads(config.num_threads)
         self.config = config
         self.watcher = VersionWatcher(
-            registry=Registry(config.registry_dir), score=config.score, poll_interval_s=config.poll_interval_s
+            registry=Registry(config.registry_dir),
+            score=config.score,
+            poll_interval_s=config.poll_interval_s,
+            activate_delay_s=config.activate_delay_s,
         )
         self.features = FeatureReader(config=config.features)
         self.features.open()

@@ -6,9 +6,13 @@ swaps do not go through it. Each replica runs a `VersionWatcher` thread that rea
 registry's `LATEST` every `poll_interval_s`. A new version is loaded with `Registry.load` (every
 file's sha256 checked against the manifest, configs checked, weights loaded without pickle),
 prepared (`ServedVersion.prepare`: it must be a model serving can run, and a smoke scoring pass
-must give finite numbers), and only then assigned to `current`. A request reads `current` once
-when it arrives and keeps that `ServedVersion` to the end, so requests in flight finish on the
-version they started with and no request ever sees half a version.
+must give finite numbers), and only then assigned to `current`. It answers from the version's
+`created_ms` plus `activate_delay_s` (ServingConfig), the same moment on every replica, so a
+client whose requests land on different replicas never sees the versions go back (when every
+replica has loaded it by then; a replica that starts meanwhile waits too, before it takes
+traffic). A request reads `current` once when it arrives and keeps that `ServedVersion` to the
+end, so requests in flight finish on the version they started with and no request ever sees half
+a version.
 
 A version that fails any step is refused: logged with the reason, counted in the Ray metric
 `hstu_serving_versions_refused` (tagged with the reason's kind), listed by `GET /version`, and
@@ -153,10 +157,13 @@ class _Metrics:
 class VersionWatcher:
     """Which `ServedVersion` answers now; follows the registry from a background thread."""
 
-    def __init__(self, *, registry: Registry, score: ScoreConfig, poll_interval_s: float) -> None:
+    def __init__(
+        self, *, registry: Registry, score: ScoreConfig, poll_interval_s: float, activate_delay_s: float = 0.0
+    ) -> None:
         self.registry = registry
         self.score = score
         self.poll_interval_s = poll_interval_s
+        self.activate_delay_s = activate_delay_s
         self.current: ServedVersion | None = None  # replaced, never mutated: read it once per request
         self.follow = FollowConfig()
         self.refused: dict[int, str] = {}
@@ -226,6 +233,10 @@ class VersionWatcher:
             except Exception as error:  # anything else a broken version folder can raise
                 self._refuse(target, f"version {target}: {error!r}", "error")
                 return self.current
+            if self.follow.pinned is None:  # the same moment on every replica (a pin swaps at once)
+                wait_s = served.manifest.created_ms / 1000 + self.activate_delay_s - time.time()
+                if wait_s > 0 and self._stop.wait(min(wait_s, self.activate_delay_s)):
+                    return self.current
             self.current = served  # the swap: requests that arrive from now on get this version
             self.swaps += 1
             self._metrics.swapped(target)

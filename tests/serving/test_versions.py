@@ -4,6 +4,7 @@ over HTTP under load)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -93,3 +94,31 @@ def test_watcher_swaps_pins_and_refuses(tmp_path: Path) -> None:
     finally:
         watcher.stop()
     assert not watcher.alive
+
+
+def test_replicas_activate_a_version_at_the_same_moment(tmp_path: Path) -> None:
+    """Two watchers (two replicas) that load a version at different times both answer with it from
+    its created_ms + activate_delay_s, not before; so a client never sees the versions go back."""
+    registry = Registry(tmp_path)
+    registry.publish(model(layout="interleaved"))
+    delay = 1.5
+    early = VersionWatcher(registry=registry, score=ScoreConfig(), poll_interval_s=60, activate_delay_s=delay)
+    late = VersionWatcher(registry=registry, score=ScoreConfig(), poll_interval_s=60, activate_delay_s=delay)
+    early.start()  # waits for version 1's moment before it takes traffic (returns from start)
+    due = registry.manifest(1).created_ms / 1000 + delay
+    assert early.current.version == 1 and time.time() >= due - 0.01
+    registry.publish(model(layout="interleaved"))
+    due = registry.manifest(2).created_ms / 1000 + delay
+    answering = []
+    thread = threading.Thread(target=lambda: answering.append(early.poll().version))
+    thread.start()
+    time.sleep(0.3)
+    assert early.current.version == 1 and time.time() < due  # loaded, not yet answering
+    thread.join()
+    assert answering == [2] and time.time() >= due - 0.01
+    late.poll()  # loads after the moment: answers at once
+    assert late.current.version == 2 and time.time() < due + 1.0
+    registry.publish(model(layout="interleaved"))
+    early.set_follow(FollowConfig(version=3))  # a pin (rollback) answers at once
+    assert early.current.version == 3 and time.time() < registry.manifest(3).created_ms / 1000 + delay
+    early.stop()
