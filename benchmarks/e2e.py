@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -136,11 +137,11 @@ for i = 1, 500 do users[i] = i end
 counter = 0
 request = function()
   counter = counter + 1
-  local body = '{"user_id": ' .. users[(counter % 500) + 1] .. ', "candidates": [%s]}'
+  local body = '{"user_id": ' .. users[(counter % 500) + 1] .. ', "candidates": [@CANDIDATES@]}'
   return wrk.format(nil, "/rank", nil, body)
 end
 done = function(summary, latency, requests)
-  io.write(string.format("RESULT %%d %%d %%f %%f %%f\\n", summary.requests, summary.errors.status
+  io.write(string.format("RESULT %d %d %f %f %f\\n", summary.requests, summary.errors.status
     + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
     summary.duration / 1e6, latency:percentile(50) / 1000, latency:percentile(99) / 1000))
 end
@@ -149,7 +150,7 @@ end
 
 def run_wrk(port: int, seconds: float, connections: int, work: Path) -> dict:
     script = work / "rank.lua"
-    script.write_text(WRK_SCRIPT % ", ".join(map(str, CANDIDATES)))
+    script.write_text(WRK_SCRIPT.replace("@CANDIDATES@", ", ".join(map(str, CANDIDATES))))
     out = subprocess.run(
         [
             "wrk",
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                     next_probe += args.probe_every
                 probes.poll()
                 if len(loop.samples) == 0 or time.time() - loop.samples[-1].time > 5:
-                    loop.show(loop.tick())
+                    loop.show(loop.tick(), file=sys.stderr)
                 time.sleep(0.1)
             wrk.join(300)
             t_end = time.time()

@@ -210,7 +210,8 @@ class Loop:
         self.samples.append(sample)
         return sample
 
-    def show(self, s: Sample) -> None:
+    def show(self, s: Sample, file=None) -> None:
+        """One status line (on stdout, or `file`: a benchmark keeps its stdout for figures)."""
         trained = f"{s.trained:,}" if s.trained is not None else "-"
         lag = f"{s.lag_events:,} events, {s.lag_s:.1f} s" if s.lag_events is not None else "-"
         latency = f"{max(s.latency_ms):.0f} ms" if s.latency_ms else "-"
@@ -221,6 +222,7 @@ class Loop:
         print(
             f"[{s.time - self.started:5.0f} s] topic {s.produced:,} | trained {trained} | lag {lag} | "
             f"{version} | /rank {latency} | {ranks}",
+            file=file or sys.stdout,
             flush=True,
         )
 
