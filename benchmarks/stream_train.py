@@ -23,7 +23,8 @@ starts one local Ray for all runs (`trainer.stream.init_ray`), and each run is a
 - `prequential_ndcg@10` / `prequential_hr@10` (`model` hstu, sasrec or popularity; `table` bounded
   or unbounded; `dataset`): the drifting synthetic stream (infra/datasets/synthetic.py) replayed in
   time order (paced), scored before training on each take, averaged over the scored events after
-  the first `--warmup` fraction of them; the bounded table holds 25% of the distinct items. PNG.
+  the first `--warmup` fraction of them; the bounded table holds 25% of the distinct items; HSTU
+  in the shipped interleaved layout and in SASRec's items-only layout (`layout`). PNG.
 - replay: the ML-1M subset in time order; its final prequential HR@10 (the last 10% of scored
   events) beside the offline trainer's test HR@10 (`--offline-hr`, from benchmarks/RESULTS.md).
 """
@@ -343,27 +344,34 @@ def bench_quality(args, bootstrap: str, work: Path) -> None:
         "eval.max_events=3000",
         "streaming.interval_s=0.5",
     ]
-    # (model, table, training context): the shipped context (train.context_events=32 at these
-    # sizes) beside the whole sequence, to show what the shorter context costs.
+    # (model, table, training context, layout): the shipped context (train.context_events=32 at
+    # these sizes) beside the whole sequence, to show what the shorter context costs; HSTU in the
+    # shipped interleaved layout (next item + action) and in SASRec's items-only layout.
     runs = {
-        ("hstu", "unbounded", "32"): [f"table.capacity={distinct}"],
-        ("hstu", "unbounded", "all"): [f"table.capacity={distinct}", "train.context_events=null"],
-        ("hstu", "bounded", "32"): [f"table.capacity={bounded}"],
-        ("sasrec", "unbounded", "32"): [
+        ("hstu", "unbounded", "32", "interleaved"): [f"table.capacity={distinct}"],
+        ("hstu", "unbounded", "all", "interleaved"): [f"table.capacity={distinct}", "train.context_events=null"],
+        ("hstu", "bounded", "32", "interleaved"): [f"table.capacity={bounded}"],
+        ("sasrec", "unbounded", "32", "items"): [
             f"table.capacity={distinct}",
             "model.encoder=sasrec",
             "model.layout=items",
             "model.num_time_buckets=0",
             "model.position_bias=false",
         ],
+        ("hstu", "unbounded", "32", "items"): [f"table.capacity={distinct}", "model.layout=items"],
     }
+    if args.quality_runs:
+        runs = {key: extra for key, extra in runs.items() if "-".join(key) in args.quality_runs}
     curves = {}
-    for (model, table, context_events), extra in runs.items():
-        summary, config = run(work, f"quality-{model}-{table}-ctx{context_events}", f"log://{path}", *common, *extra)
+    for (model, table, context_events, layout), extra in runs.items():
+        summary, config = run(
+            work, f"quality-{model}-{table}-ctx{context_events}-{layout}", f"log://{path}", *common, *extra
+        )
         means = prequential_means(config, args.warmup)
-        curves[(model, table, context_events)] = config.run_dir() / "prequential.jsonl"
+        curves[(model, table, context_events, layout)] = config.run_dir() / "prequential.jsonl"
         context = dict(
             context_events=context_events,
+            layout=layout,
             dataset="synthetic-drift",
             events=n,
             distinct_items=distinct,
@@ -382,7 +390,7 @@ def bench_quality(args, bootstrap: str, work: Path) -> None:
                 table=table,
                 **context,
             )
-            if (model, table, context_events) == ("hstu", "unbounded", "32"):
+            if (model, table, context_events, layout) == ("hstu", "unbounded", "32", "interleaved"):
                 emit(
                     f"prequential_{metric}",
                     round(means[f"popularity_{metric}"], 5),
@@ -399,11 +407,12 @@ def plot_quality(curves: dict, path: Path) -> None:
 
     fig = Figure(figsize=(8, 4))
     ax = fig.subplots()
-    for (model, table, context_events), jsonl in curves.items():
+    for (model, table, context_events, layout), jsonl in curves.items():
         records = [json.loads(line) for line in jsonl.read_text().splitlines()]
         x = [r["events_trained"] for r in records]
-        ax.plot(x, [r["model_ndcg@10"] for r in records], label=f"{model} ({table}, context {context_events})")
-        if (model, table, context_events) == ("hstu", "unbounded", "32"):
+        label = f"{model} ({table}, context {context_events}, {layout})"
+        ax.plot(x, [r["model_ndcg@10"] for r in records], label=label)
+        if (model, table, context_events, layout) == ("hstu", "unbounded", "32", "interleaved"):
             ax.plot(
                 [r["events_trained"] for r in records],
                 [r["popularity_ndcg@10"] for r in records],
@@ -476,6 +485,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality-users", type=int, default=1_000)
     parser.add_argument("--quality-items", type=int, default=3_000)
     parser.add_argument("--quality-rate", type=float, default=500.0)
+    parser.add_argument(
+        "--quality-runs",
+        nargs="+",
+        metavar="MODEL-TABLE-CONTEXT-LAYOUT",
+        help="only these quality runs (e.g. hstu-unbounded-32-items); default all",
+    )
     parser.add_argument("--warmup", type=float, default=0.2, help="fraction of scored events left out at the start")
     parser.add_argument("--replay-events", type=int, default=100_000, help="0: the whole ML-1M subset")
     parser.add_argument("--replay-rate", type=float, default=1500.0)
