@@ -366,6 +366,20 @@ def merge_examples(first: SequenceBatch, second: SequenceBatch) -> SequenceBatch
 
 
 # ------------------------------------------------------------------------------ the worker
+START_FILE = "start_offsets.json"  # in the run's folder: where a fresh run began
+
+
+def write_start_offsets(run_dir: Path, offsets: Offsets) -> None:
+    """Atomically, once: the offsets a fresh run began at (a later fresh start keeps the first)."""
+    path = run_dir / START_FILE
+    if path.exists():
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({str(p): int(o) for p, o in sorted(offsets.items())}))
+    os.replace(tmp, path)
+
+
 @dataclass
 class Progress:
     """What a checkpoint carries besides weights and optimizer state."""
@@ -475,6 +489,14 @@ class Worker:
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
+            started = self.config.run_dir() / START_FILE
+            if started.is_file():
+                # The run started before and trained, but Ray Train registered none of its
+                # checkpoints (a worker killed before the controller took its first report): start
+                # the model afresh from the offsets where the run began, so the gap is re-read.
+                offsets = {int(p): int(o) for p, o in json.loads(started.read_text()).items()}
+                self.progress = Progress(trained=offsets)
+                log.warning("rank %d: no checkpoint registered; re-reading from the run's start %s", self.rank, offsets)
             return
         with checkpoint.as_directory() as folder:
             path = Path(folder) / "state.safetensors"
@@ -576,8 +598,11 @@ class Worker:
                 plan = self.collective.broadcast(plan)
             if self.progress.trained is None and plan.get("from") is not None:
                 # A fresh run starts where the feed's first take begins; checkpoint that at once, so
-                # a worker that dies before its first checkpoint is still re-read from there.
+                # a worker that dies before its first checkpoint is still re-read from there; and
+                # write it down, for when Ray Train loses that report too (see resume).
                 self.progress.trained = dict(plan["from"])
+                if self.rank == 0:
+                    write_start_offsets(self.config.run_dir(), self.progress.trained)
                 self.checkpoint(self.summary("started"))
                 last_checkpoint_t = time.monotonic()
             if "examples" in plan:

@@ -4,6 +4,7 @@
   HR@10 rises over the run;
 - a training worker SIGKILLed mid-run: Ray Train replaces it, the run finishes, and every event
   is trained at least once or counted untrained (checked against the log of trained events);
+- a run whose checkpoints were all lost re-reads from where it began;
 - the streaming job SIGKILLed mid-run: it restarts, the features are exact, training resumes;
 - two workers end with byte-identical models and tables after admissions and evictions;
 - the CLI: a bad config exits 2 with the key; `--until-idle` on a recorded log exits 0;
@@ -23,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from config.loader import ConfigError
@@ -278,17 +280,19 @@ def test_learning_through_the_broker_publishes_versions_and_prequential_hr_rises
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_killed_training_worker_is_replaced_and_no_event_is_lost(tmp_path, ray_address) -> None:
-    log_path, events = ml100k_log(tmp_path / "ml.parquet", 20_000)
+    # 80 s of stream: training must be under way before it ends (the worker group takes 20-60 s
+    # to start here), so that the kill lands mid-run
+    log_path, events = ml100k_log(tmp_path / "ml.parquet", 16_000)
     config = config_for(
         tmp_path,
         f"log://{log_path}",
-        "streaming.max_events_per_s=400",
+        "streaming.max_events_per_s=200",
         "train.checkpoint_every_steps=1000",
         "train.checkpoint_every_s=8",
     )
     thread, out = run_in_thread(config)
     try:
-        wait_for(lambda: len(prequential(tmp_path)) >= 4, 300, "four takes trained")
+        wait_for(lambda: len(prequential(tmp_path)) >= 2, 300, "two takes trained")
         (victim,) = [int(p.stem.split("-")[1]) for p in (tmp_path / "trained").glob("rank0-*.i64")]
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: len(list((tmp_path / "trained").glob("rank0-*.i64"))) == 2, 300, "a new rank-0 worker")
@@ -299,6 +303,43 @@ def test_a_killed_training_worker_is_replaced_and_no_event_is_lost(tmp_path, ray
     summary = out["summary"]
     assert summary["state"] == "idle"
     assert_every_event_trained_or_counted(events, tmp_path, summary)
+
+
+@pytest.mark.slow
+@pytest.mark.kafka
+@pytest.mark.timeout(600)
+def test_a_run_whose_checkpoints_were_all_lost_re_reads_from_where_it_began(
+    tmp_path, ray_address, kafka_bootstrap, new_topic
+) -> None:
+    """Ray Train registers a checkpoint only once its controller takes the report: a worker killed
+    right after its first take may leave none. The run's start offsets (written before training
+    anything) bring the next worker group back to the beginning, not to where the feed is now."""
+    import shutil
+
+    from infra.recorded_log import replay_log
+
+    log_path, events = ml100k_log(tmp_path / "ml.parquet", 2_500)
+    topic = new_topic(partitions=2)
+    replay_log(log_path, bootstrap=kafka_bootstrap, topic=topic)
+    config = config_for(tmp_path, f"kafka://{kafka_bootstrap}/{topic}", f"streaming.dlq_topic={topic}.dlq")
+    first = StreamTrainer(config).run()
+    kill_named(config.streaming.feed.actor_name)
+    assert first["events_trained"] + first["untrained_events"] == len(events)
+    assert json.loads((tmp_path / "run" / "start_offsets.json").read_text()) == {"0": 0, "1": 0}
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # as if no report had been registered
+    shutil.rmtree(tmp_path / "trained")
+    more = ml100k_log(tmp_path / "more.parquet", 2_600)[1].iloc[2_500:]
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    log = events_to_log(more, topic=topic, num_partitions=2)  # each user in the partition it had
+    for value, partition in zip(log["value"].to_pylist(), log["partition"].to_pylist()):
+        producer.send(topic, value=value, partition=partition)
+    producer.close()
+    again = StreamTrainer(config).run()  # the job resumes at 2,500; the feed starts there
+    kill_named(config.streaming.feed.actor_name)
+    assert again["recovered_events"] >= len(events)  # re-read from the start offsets, not from 2,500
+    assert_every_event_trained_or_counted(pd.concat([events, more]), tmp_path, again)
 
 
 @pytest.mark.slow
