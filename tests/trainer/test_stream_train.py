@@ -249,7 +249,7 @@ def test_learning_through_the_broker_publishes_versions_and_prequential_hr_rises
     config = config_for(
         tmp_path,
         f"kafka://{kafka_bootstrap}/{topic}",
-        "streaming.max_events_per_s=600",
+        "streaming.max_events_per_s=250",  # 120 s of stream: Ray Train takes up to ~70 s to start in CI
         "publish.every_s=10",
         "train.checkpoint_every_s=15",
         f"streaming.dlq_topic={topic}.dlq",
@@ -280,13 +280,13 @@ def test_learning_through_the_broker_publishes_versions_and_prequential_hr_rises
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_killed_training_worker_is_replaced_and_no_event_is_lost(tmp_path, ray_address) -> None:
-    # 80 s of stream: training must be under way before it ends (the worker group takes 20-60 s
+    # 120 s of stream: training must be under way before it ends (the worker group takes 20-70 s
     # to start here), so that the kill lands mid-run
     log_path, events = ml100k_log(tmp_path / "ml.parquet", 16_000)
     config = config_for(
         tmp_path,
         f"log://{log_path}",
-        "streaming.max_events_per_s=200",
+        "streaming.max_events_per_s=130",
         "train.checkpoint_every_steps=1000",
         "train.checkpoint_every_s=8",
     )
@@ -350,7 +350,8 @@ def test_a_killed_streaming_job_restarts_features_stay_exact_and_training_resume
     from tests.streaming.test_pipeline import assert_same, expected_batch, log_frame
 
     log_path, events = ml100k_log(tmp_path / "ml.parquet", 20_000)
-    config = config_for(tmp_path, f"log://{log_path}", "streaming.max_events_per_s=500")
+    # 120 s of stream, so that three takes come before it ends (Ray Train takes up to ~70 s to start)
+    config = config_for(tmp_path, f"log://{log_path}", "streaming.max_events_per_s=170")
     thread, out = run_in_thread(config)
     try:
         wait_for(lambda: len(prequential(tmp_path)) >= 3, 300, "three takes trained")
