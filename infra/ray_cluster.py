@@ -79,7 +79,7 @@ class LocalCluster:
                 if attempt == attempts:
                     raise
             time.sleep(2)
-        return self
+        raise ValueError(f"attempts ({attempts}) must be >= 1")
 
     def _start(self) -> None:
         try:

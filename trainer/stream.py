@@ -54,7 +54,7 @@ from config.paths import REPO_ROOT, state_dir
 from features.sequence_batch import SequenceBatch, concat_batches, slice_events, take_users
 from features.sequences import SequenceStore, SequenceStoreConfig
 from streaming.config import StreamJobConfig
-from streaming.offsets import Offsets
+from streaming.offsets import Offsets, write_atomic
 from trainer.checkpoint import load_into, read_metadata, save_checkpoint
 from trainer.embedding_table import DynamicEmbeddingTable, TableConfig
 from trainer.losses import GenerativeLoss, LossConfig
@@ -372,12 +372,8 @@ START_FILE = "start_offsets.json"  # in the run's folder: where a fresh run bega
 def write_start_offsets(run_dir: Path, offsets: Offsets) -> None:
     """Atomically, once: the offsets a fresh run began at (a later fresh start keeps the first)."""
     path = run_dir / START_FILE
-    if path.exists():
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({str(p): int(o) for p, o in sorted(offsets.items())}))
-    os.replace(tmp, path)
+    if not path.exists():
+        write_atomic(path, json.dumps({str(p): int(o) for p, o in sorted(offsets.items())}).encode())
 
 
 @dataclass

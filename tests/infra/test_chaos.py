@@ -267,29 +267,18 @@ def test_the_loop_recovers_from_each_fault_under_serving_load(tmp_path, monkeypa
             timeline[name] = round(time.time() - fault_t, 1)
             assert loop.trainer.poll() is None, f"the trainer exited after {name}: see {loop.trainer_log}"
 
-        # 1. the streaming job's process: Ray restarts the actor; it resumes from its committed offsets
-        (victim,) = pids(loop, "ray::StreamingJobActor")
-        before, fault_t = trained_now(loop), time.time()
-        say(f"SIGKILL {victim}")
-        os.kill(victim, signal.SIGKILL)
-        recovered(
-            "streaming job SIGKILL",
-            fault_t,
-            before,
-            lambda: pids(loop, "ray::StreamingJobActor") - {victim},
-        )
+        def kill_and_recover(title: str, name: str) -> None:
+            """SIGKILL this cluster's one process titled `title`; a new one replaces it."""
+            (victim,) = pids(loop, title)
+            before, fault_t = trained_now(loop), time.time()
+            say(f"SIGKILL {victim}")
+            os.kill(victim, signal.SIGKILL)
+            recovered(name, fault_t, before, lambda: pids(loop, title) - {victim})
 
+        # 1. the streaming job's process: Ray restarts the actor; it resumes from its committed offsets
+        kill_and_recover("ray::StreamingJobActor", "streaming job SIGKILL")
         # 2. a training worker: Ray Train restarts the group from the last checkpoint
-        (victim,) = pids(loop, "ray::RayTrainWorker")
-        before, fault_t = trained_now(loop), time.time()
-        say(f"SIGKILL {victim}")
-        os.kill(victim, signal.SIGKILL)
-        recovered(
-            "training worker SIGKILL",
-            fault_t,
-            before,
-            lambda: pids(loop, "ray::RayTrainWorker") - {victim},
-        )
+        kill_and_recover("ray::RayTrainWorker", "training worker SIGKILL")
 
         # 3. the broker: stopped, then started again on the same data, port and config; once it is
         # back, the producer's new events reach training
