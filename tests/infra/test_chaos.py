@@ -25,6 +25,8 @@ import argparse
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import threading
 import time
@@ -86,24 +88,39 @@ def rank(url: str, user: int) -> tuple[int, int | None, str]:
 
 @dataclass
 class Client:
-    """One client posting /rank in a loop: (time, HTTP status or 0 for no answer, version, error)."""
+    """One client posting /rank in a loop: (sent, answered, HTTP status or 0 for no answer, version,
+    error) per request."""
 
     seed: int
-    answers: list[tuple[float, int, int | None, str]] = field(default_factory=list)
+    answers: list[tuple[float, float, int, int | None, str]] = field(default_factory=list)
 
     def run(self, url: str, stop: threading.Event) -> None:
         rng = random.Random(self.seed)
         while not stop.is_set():
-            self.answers.append((time.time(), *rank(url, rng.randint(1, 943))))
+            sent = time.time()
+            status, version, error = rank(url, rng.randint(1, 943))
+            self.answers.append((sent, time.time(), status, version, error))
             stop.wait(0.05)
 
     def failures(self, since: float = 0.0, until: float = float("inf")) -> list[tuple[float, int, str]]:
+        """Non-2xx answers to requests in flight at some moment of [since, until] (a request sent
+        before a fault and answered after it was in flight through it), by the time they were sent."""
         return [
-            (round(t - T_START, 1), s, e) for t, s, _, e in self.answers if since <= t <= until and not 200 <= s < 300
+            (round(sent - T_START, 1), s, e)
+            for sent, answered, s, _, e in self.answers
+            if sent <= until and answered >= since and not 200 <= s < 300
+        ]
+
+    def outside(self, since: float, until: float) -> list[tuple[float, int, str]]:
+        """Non-2xx answers to requests not in flight at any moment of [since, until]."""
+        return [
+            (round(sent - T_START, 1), s, e)
+            for sent, answered, s, _, e in self.answers
+            if not (sent <= until and answered >= since) and not 200 <= s < 300
         ]
 
     def answered_since(self, since: float) -> bool:
-        return any(t > since and 200 <= s < 300 for t, s, _, _ in self.answers)
+        return any(sent > since and 200 <= s < 300 for sent, _, s, _, _ in self.answers)
 
 
 # ------------------------------------------------------------------------------ the parts
@@ -139,8 +156,22 @@ def progress_after(loop: Loop, since: float) -> dict | None:
     return record if record and record["time"] > since else None
 
 
+SAID: list[tuple[float, str]] = []  # (time since T_START, message): where a failure falls
+
+
 def say(message: str) -> None:
+    SAID.append((time.time() - T_START, message))
     print(f"[chaos {time.time() - T_START:6.1f} s] {message}", flush=True)
+
+
+def during(failures: list[tuple[float, int, str]]) -> list[str]:
+    """Each failure with what the test had last said before it (the phase it fell in)."""
+    out = []
+    for t, status, error in failures:
+        said = [(at, m) for at, m in SAID if at <= t]
+        phase = f"{t - said[-1][0]:.1f} s after {said[-1][1]!r}" if said else "before anything"
+        out.append(f"{t} s, {status} {error!r}: {phase}")
+    return out
 
 
 def wait_for(what, timeout_s: float, message: str, every_s: float = 1.0):
@@ -172,6 +203,22 @@ def topic_frame(bootstrap: str) -> pd.DataFrame:
         partition=table.column("partition").to_numpy().astype(np.int64),
         offset=table.column("offset").to_numpy().astype(np.int64),
     )
+
+
+def serve_log_errors(loop: Loop, keep: Path) -> list[str]:
+    """Copy this cluster's Serve logs to `keep` (the cluster's temp folder goes with it) and return
+    their error lines and non-2xx access lines: what a failing run prints to say why."""
+    logs = loop.cluster.temp / "session_latest" / "logs" / "serve"
+    if not logs.is_dir():
+        return [f"no Serve logs at {logs}"]
+    shutil.copytree(logs, keep, dirs_exist_ok=True)
+    marks = re.compile(r"ERROR|Traceback|Exception|Error:| 5\d\d |died|unavailable", re.IGNORECASE)
+    lines = []
+    for path in sorted(keep.glob("*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if marks.search(line):
+                lines.append(f"{path.name}: {line[:400]}")
+    return lines
 
 
 def trainer_summary(log_path: Path) -> dict:
@@ -334,6 +381,9 @@ def test_the_loop_recovers_from_each_fault_under_serving_load(tmp_path, monkeypa
             thread.join(60)
     finally:
         stop_clients.set()
+        if any(c.failures() for c in clients):
+            for line in serve_log_errors(loop, tmp_path / "serve-logs")[-60:]:
+                say(line)
         stopped = loop.stop()
         broker.stop()
     say(f"recovery times (s): {timeline}")
@@ -347,15 +397,15 @@ def test_the_loop_recovers_from_each_fault_under_serving_load(tmp_path, monkeypa
     answers = sum(len(c.answers) for c in clients)
     kill_t, _ = windows["Serve replica SIGKILL"]
     lost = [f for c in clients for f in c.failures(kill_t, kill_t + 10)]
-    other = [f for c in clients for f in c.failures(0, kill_t) + c.failures(kill_t + 10)]
+    other = [f for c in clients for f in c.outside(kill_t, kill_t + 10)]
     say(f"{answers} /rank answers; {len(lost)} non-2xx at the replica SIGKILL, {len(other)} elsewhere")
     if len(lost) > CLIENTS:
         problems.append(f"{len(lost)} non-2xx at the replica SIGKILL, more than the {CLIENTS} requests in flight")
     graceful = [f for c in clients for f in c.failures(*windows["Serve replicas stopped gracefully"])]
     if graceful:
-        problems.append(f"{len(graceful)} non-2xx through the graceful replica stop: {graceful[:10]}")
+        problems.append(f"{len(graceful)} non-2xx through the graceful replica stop: {during(graceful[:10])}")
     if other:
-        problems.append(f"{len(other)} of {answers} answers were not 2xx outside the SIGKILL: {other[:10]}")
+        problems.append(f"{len(other)} of {answers} answers were not 2xx outside the SIGKILL: {during(other[:10])}")
 
     # features: exact against pandas over everything in the topic
     got = store.read_many(users)
@@ -384,7 +434,7 @@ def test_the_loop_recovers_from_each_fault_under_serving_load(tmp_path, monkeypa
 
     # model versions: never backwards for any client
     for client in clients:
-        seen = [(t, v) for t, s, v, _ in client.answers if s == 200]
+        seen = [(t, v) for t, _, s, v, _ in client.answers if s == 200]
         backwards = [(round(a[0] - T_START, 1), a[1], b[1]) for a, b in zip(seen, seen[1:]) if b[1] < a[1]]
         say(f"client {client.seed}: versions {seen[0][1]}..{seen[-1][1]} over {len(seen)} answers")
         if backwards:
