@@ -12,7 +12,10 @@ One run has four parts, all in one Ray cluster:
    to every rank; each rank trains on its share of the users through the one training step
    (`trainer.step.train_step`), with the observed ids all-gathered (identical tables on every
    rank) and the gradients averaged. A trainer that fell behind takes one larger, coalesced batch.
-4. **The registry**: rank 0 publishes a model version every `publish.every_s` and at the end.
+4. **The registry**: rank 0 publishes a model version every `publish.every_s` (between steps,
+   inside a long take too: a fresh run's first take holds the whole backlog, and its first version
+   comes after `every_s`, not after the backlog) and at the end. A version published inside a take
+   says the offsets trained up to before that take: what it has trained on for certain.
 
 Progress is offsets. A checkpoint (weights, optimizer, item table, and the offsets trained up
 to) is reported through `ray.train.report` every `train.checkpoint_every_steps` steps or
@@ -476,6 +479,7 @@ class Worker:
             self.popularity = Popularity(window=config.eval.popularity_window)
             self.recent: list[dict] = []  # prequential records since the last publish
             self.published_at_step = self.progress.steps if self.progress.last_version is not None else 0
+            self.last_publish_t = time.monotonic()
             self.window_start = time.monotonic()
             self.window = {"events": 0, "tokens": 0, "loss": [], "steps": 0}
 
@@ -585,7 +589,6 @@ class Worker:
     def run(self) -> None:
         cfg = self.config
         last_checkpoint_t = time.monotonic()
-        last_publish_t = time.monotonic()
         steps_at_checkpoint = self.progress.steps
         stopped = ""
         while not stopped:
@@ -610,10 +613,7 @@ class Worker:
                 or time.monotonic() - last_checkpoint_t >= cfg.train.checkpoint_every_s
             )
             if self.rank == 0:
-                if stopped or time.monotonic() - last_publish_t >= cfg.publish.every_s:
-                    if self.progress.steps > self.published_at_step:  # something new to publish
-                        self.publish()
-                    last_publish_t = time.monotonic()
+                self.maybe_publish(force=bool(stopped))
                 self.maybe_print(force=bool(stopped))
                 if "examples" not in plan and not stopped:
                     time.sleep(cfg.train.poll_s)
@@ -648,6 +648,8 @@ class Worker:
                 self.model, mine, optimizer=self.optimizer, loss_fn=self.loss_fn, collective=self.collective
             )
             self.account(mine, result)
+            if self.rank == 0:  # rank 0 alone, between steps: the others wait for it at the next all-reduce
+                self.maybe_publish(within_take=True)
             if cfg.train.malloc_trim_every_steps and self.progress.steps % cfg.train.malloc_trim_every_steps == 0:
                 release_free_memory()
         self.progress.takes += 1
@@ -707,7 +709,14 @@ class Worker:
             fh.write(json.dumps(record) + "\n")
         self.last_score = record
 
-    def publish(self) -> None:
+    def maybe_publish(self, *, force: bool = False, within_take: bool = False) -> None:
+        """Rank 0: publish when `publish.every_s` has passed (or `force`) and a step came since."""
+        if force or time.monotonic() - self.last_publish_t >= self.config.publish.every_s:
+            if self.progress.steps > self.published_at_step:  # something new to publish
+                self.publish(within_take=within_take)
+            self.last_publish_t = time.monotonic()
+
+    def publish(self, *, within_take: bool = False) -> None:
         keys = [k for k in (self.recent[-1] if self.recent else {}) if k.startswith(("model_", "popularity_"))]
         metrics = {k: float(np.nanmean([r[k] for r in self.recent if k in r])) for k in keys}
         metrics.update(
@@ -726,6 +735,7 @@ class Worker:
                 "source": self.config.streaming.source,
                 "topic": topic.topic or str(topic.path),
                 "takes": self.progress.takes,
+                "within_take": within_take,
             },
         )
         self.progress.last_version = manifest.version

@@ -313,7 +313,11 @@ def test_a_run_whose_checkpoints_were_all_lost_re_reads_from_where_it_began(
 ) -> None:
     """Ray Train registers a checkpoint only once its controller takes the report: a worker killed
     right after its first take may leave none. The run's start offsets (written before training
-    anything) bring the next worker group back to the beginning, not to where the feed is now."""
+    anything) bring the next worker group back to the beginning, not to where the feed is now.
+
+    Its first take holds the whole topic (the job applies it while Ray Train starts), trained two
+    users a step: versions are published between its steps, not only after it, each saying the
+    offsets it trained to for certain (where the take began)."""
     import shutil
 
     from infra.recorded_log import replay_log
@@ -321,11 +325,23 @@ def test_a_run_whose_checkpoints_were_all_lost_re_reads_from_where_it_began(
     log_path, events = ml100k_log(tmp_path / "ml.parquet", 2_500)
     topic = new_topic(partitions=2)
     replay_log(log_path, bootstrap=kafka_bootstrap, topic=topic)
-    config = config_for(tmp_path, f"kafka://{kafka_bootstrap}/{topic}", f"streaming.dlq_topic={topic}.dlq")
+    config = config_for(
+        tmp_path,
+        f"kafka://{kafka_bootstrap}/{topic}",
+        f"streaming.dlq_topic={topic}.dlq",
+        "train.batch_size=2",
+        "publish.every_s=0.1",
+        "publish.keep=1000",
+    )
     first = StreamTrainer(config).run()
     kill_named(config.streaming.feed.actor_name)
     assert first["events_trained"] + first["untrained_events"] == len(events)
     assert json.loads((tmp_path / "run" / "start_offsets.json").read_text()) == {"0": 0, "1": 0}
+    registry = Registry(tmp_path / "registry")
+    manifests = [registry.manifest(v) for v in registry.versions()]
+    assert manifests[0].info["within_take"] and manifests[0].info["takes"] == 0, manifests[0].info
+    assert manifests[0].offsets == {0: 0, 1: 0}  # published inside the first take: nothing certain yet
+    assert manifests[-1].offsets == {int(p): o for p, o in first["trained"].items()}
     shutil.rmtree(tmp_path / "run" / "checkpoints")  # as if no report had been registered
     shutil.rmtree(tmp_path / "trained")
     more = ml100k_log(tmp_path / "more.parquet", 2_600)[1].iloc[2_500:]
