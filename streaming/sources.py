@@ -181,6 +181,15 @@ def open_source(config: StreamJobConfig) -> MicroBatchSource:
     return LogMicroBatches(LogSource(spec.path), description=config.source)
 
 
+def source_end_offsets(config: StreamJobConfig) -> Offsets:
+    """The current end of every partition of the job's source."""
+    source = open_source(config)
+    try:
+        return dict(source.end_offsets())
+    finally:
+        source.close()
+
+
 def read_valid_events(
     config: StreamJobConfig, start: Offsets, end: Offsets | None = None, *, max_events: int = 200_000
 ) -> pa.Table:

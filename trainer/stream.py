@@ -22,9 +22,10 @@ to) is reported through `ray.train.report` every `train.checkpoint_every_steps` 
 `train.checkpoint_every_s` seconds; a worker that dies is replaced (`FailureConfig`) and the run
 resumes from the last checkpoint. Whatever lies between the checkpoint's offsets and where the
 feed now begins (events the feed delivered to a trainer that died before its checkpoint, or held
-by a feed that was lost) is re-read from the source (`streaming.sources.read_valid_events`) and
-trained, with the users' current sequences from Feast as context. So every event is trained at
-least once, or counted in `untrained_events` when it rolled out of `max_len` first.
+by a feed that was lost; the source's end when a new feed has had nothing put yet) is re-read
+from the source (`streaming.sources.read_valid_events`) and trained, with the users' current
+sequences from Feast as context. So every event is trained at least once, or counted in
+`untrained_events` when it rolled out of `max_len` first.
 
 Before training on a take, rank 0 scores its new events with the current model (prequential
 HR@10, NDCG@10, action AUC; trainer/prequential.py) and with a popularity baseline, logs them,
@@ -320,10 +321,12 @@ def training_window(examples: SequenceBatch, *, context_events: int | None, max_
     return slice_events(examples, rows, lengths - keep, lengths, num_new=np.minimum(examples.num_new, keep))
 
 
-def recovery_examples(job: StreamJobConfig, start: Offsets, *, store: SequenceStore) -> tuple[SequenceBatch, int, int]:
+def recovery_examples(
+    job: StreamJobConfig, start: Offsets, *, store: SequenceStore, end: Offsets | None = None
+) -> tuple[SequenceBatch, int, int]:
     """Examples for the events from `start` on that the feed will not deliver again.
 
-    Reads every valid event from `start` to the source's current end, and each touched user's
+    Reads every valid event from `start` to `end` (default: the source's current end), and each touched user's
     current sequence from Feast. A user's sequence holds its events up to its watermark, so the
     user's events at or below the watermark (and from `start` on) are its trailing new ones;
     later events are not applied yet and will come through the feed. The job goes on applying
@@ -332,7 +335,7 @@ def recovery_examples(job: StreamJobConfig, start: Offsets, *, store: SequenceSt
     lost. Returns (examples, events re-read, events that no longer fit the sequence: untrained)."""
     from streaming.sources import read_valid_events
 
-    events = read_valid_events(job, start)
+    events = read_valid_events(job, start, end)
     if events.num_rows == 0:
         return SequenceBatch.empty().with_num_new(np.zeros(0, np.int64)), 0, 0
     users = events.column("user_id").to_numpy()
@@ -443,6 +446,7 @@ class Worker:
         self.collective = TorchCollective() if self.world > 1 else None
         self.progress = Progress()
         self.in_hand: tuple[int, int | None] = (0, None)  # (events of the take being trained, its oldest put)
+        self.gap_read = False  # rank 0: whether the first take after resuming has been planned
         self.resume()
         self.rng = np.random.default_rng(config.train.seed + self.progress.takes)
         self.run_dir = config.run_dir()
@@ -569,6 +573,23 @@ class Worker:
         examples = took.examples
         recovered = untrained = 0
         trained = self.progress.trained
+        to = took.to_offsets
+        if trained is not None and took.from_offsets is None and not self.gap_read:
+            # Resumed, and the feed has had no put since it was created (the job restarted too, and
+            # has nothing new to apply, or has not begun): what the job applied after these offsets
+            # will never come through the feed. Re-read it now, up to the source's end, rather than
+            # wait for a put that may never come (and, with --until-idle, stop without it).
+            from streaming.sources import source_end_offsets
+
+            job = self.config.job_config()
+            end = source_end_offsets(job)
+            start = {p: trained.get(p, 0) for p in end}
+            if any(start[p] < o for p, o in end.items()):
+                log.info("re-reading from %s to %s: the feed has not begun", start, end)
+                examples, recovered, untrained = recovery_examples(job, start, store=self.store, end=end)
+            to = {**trained, **end}
+        if trained is not None:
+            self.gap_read = True
         if trained is not None and took.from_offsets is not None:
             gap = {p: o for p, o in trained.items() if o < took.from_offsets.get(p, o)}
             gap.update({p: 0 for p in took.from_offsets if p not in trained})
@@ -578,7 +599,7 @@ class Worker:
                 again, recovered, untrained = recovery_examples(self.config.job_config(), start, store=self.store)
                 examples = merge_examples(again, examples)
         untrained += took.untrained_events
-        base = {"from": took.from_offsets, "to": took.to_offsets, "untrained": untrained}
+        base = {"from": took.from_offsets, "to": to, "untrained": untrained}
         if len(examples) == 0:
             if self.config.stop.until_idle and took.producer_idle and recovered == 0:
                 return {"stop": "idle", **base}
