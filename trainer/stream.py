@@ -447,6 +447,7 @@ class Worker:
         self.progress = Progress()
         self.in_hand: tuple[int, int | None] = (0, None)  # (events of the take being trained, its oldest put)
         self.gap_read = False  # rank 0: whether the first take after resuming has been planned
+        self.last_stop_check_t = time.monotonic()
         self.resume()
         self.rng = np.random.default_rng(config.train.seed + self.progress.takes)
         self.run_dir = config.run_dir()
@@ -560,11 +561,26 @@ class Worker:
             )
 
     # --- rank 0: what to do next --------------------------------------------------------------
-    def plan(self) -> dict:
-        """Rank 0: take from the feed (plus what the checkpoint's offsets say to re-read)."""
+    def stop_requested(self) -> str:
+        """Rank 0: why the run was asked to stop (SIGTERM, Ctrl-C, a benchmark), or ""."""
         import ray
 
-        stop = ray.get(self.control.stop_reason.remote()) if self.control is not None else ""
+        self.last_stop_check_t = time.monotonic()
+        return ray.get(self.control.stop_reason.remote()) if self.control is not None else ""
+
+    def stop_between_steps(self) -> str:
+        """Every rank, between two steps of a take: the stop reason, the same on every rank (rank 0
+        asks the control actor at most once a second and broadcasts it), or ""."""
+        stop = ""
+        if self.rank == 0 and time.monotonic() - self.last_stop_check_t >= 1.0:
+            stop = self.stop_requested()
+        if self.collective is not None:
+            stop = self.collective.broadcast(stop)
+        return stop
+
+    def plan(self) -> dict:
+        """Rank 0: take from the feed (plus what the checkpoint's offsets say to re-read)."""
+        stop = self.stop_requested()
         if stop:
             return {"stop": stop}
         if self.config.stop.max_events is not None and self.progress.events_trained >= self.config.stop.max_events:
@@ -625,16 +641,15 @@ class Worker:
                     write_start_offsets(self.config.run_dir(), self.progress.trained)
                 self.checkpoint(self.summary("started"))
                 last_checkpoint_t = time.monotonic()
-            if "examples" in plan:
-                self.train_take(plan)
+            interrupted = self.train_take(plan) if "examples" in plan else ""
             self.progress.untrained_events += plan.get("untrained", 0)
-            stopped = plan.get("stop", "")
+            stopped = plan.get("stop", "") or interrupted
             due = (
                 self.progress.steps - steps_at_checkpoint >= cfg.train.checkpoint_every_steps
                 or time.monotonic() - last_checkpoint_t >= cfg.train.checkpoint_every_s
             )
             if self.rank == 0:
-                self.maybe_publish(force=bool(stopped))
+                self.maybe_publish(force=bool(stopped), within_take=bool(interrupted))
                 self.maybe_print(force=bool(stopped))
                 if "examples" not in plan and not stopped:
                     time.sleep(cfg.train.poll_s)
@@ -649,7 +664,10 @@ class Worker:
         if self.rank == 0:
             self.plot()
 
-    def train_take(self, plan: dict) -> None:
+    def train_take(self, plan: dict) -> str:
+        """Train on a take, a step at a time. A stop request ends it after the step in hand: the
+        take is then unfinished, and the offsets trained to stay where it began (a resumed run
+        re-reads it). Returns the stop reason, or "" once the whole take is trained."""
         cfg = self.config
         examples: SequenceBatch = plan["examples"]
         self.in_hand = (int(examples.num_new.sum()), plan.get("oldest_put_ms"))  # the lag while this trains
@@ -673,6 +691,13 @@ class Worker:
                 self.maybe_publish(within_take=True)
             if cfg.train.malloc_trim_every_steps and self.progress.steps % cfg.train.malloc_trim_every_steps == 0:
                 release_free_memory()
+            if s + 1 < steps and (stop := self.stop_between_steps()):
+                log.info(
+                    "rank %d: stopping after step %d of %d of take %d", self.rank, s + 1, steps, self.progress.takes
+                )
+                self.progress.train_seconds += time.perf_counter() - started
+                self.in_hand = (0, None)
+                return stop
         self.progress.takes += 1
         self.progress.train_seconds += time.perf_counter() - started
         self.in_hand = (0, None)
@@ -681,6 +706,7 @@ class Worker:
             self.progress.trained = {**(self.progress.trained or {}), **plan["to"]}
         if self.rank == 0:
             self.popularity.update(new_item_ids(examples))
+        return ""
 
     def account(self, batch: SequenceBatch, result: StepResult) -> None:
         """Count a step on every rank the same way (all-reduced sizes, so progress agrees)."""

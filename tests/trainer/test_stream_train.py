@@ -6,6 +6,7 @@
   is trained at least once or counted untrained (checked against the log of trained events);
 - a run whose checkpoints were all lost re-reads from where it began, also when nothing new comes;
 - the streaming job SIGKILLed mid-run: it restarts, the features are exact, training resumes;
+- a stop (SIGTERM's path) in a long take ends it after the step in hand; the next run re-reads it;
 - two workers end with byte-identical models and tables after admissions and evictions;
 - the CLI: a bad config exits 2 with the key; `--until-idle` on a recorded log exits 0;
 - (`ray job submit` against a `ray start --head` cluster: tests/infra/test_two_nodes.py).
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -390,6 +392,38 @@ def _pid_of(actor) -> int | None:
         return ray.get(actor.pid.remote(), timeout=5)
     except Exception:
         return None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_stop_ends_a_take_after_the_step_in_hand_and_the_rest_is_trained_on_resume(tmp_path, ray_address) -> None:
+    """SIGTERM's path (the control actor's stop) during a long take: the run stops after the step
+    in hand, not after the take; its checkpoint and last version keep the offsets where the take
+    began, and the next run re-reads the take (its feed is new and nothing new comes)."""
+    log_path, events = ml100k_log(tmp_path / "ml.parquet", 20_000)  # 215 users: one step each
+    config = config_for(tmp_path, f"log://{log_path}", "train.batch_size=1", "stop.until_idle=false")
+    trainer = StreamTrainer(config)
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(summary=trainer.run()), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: sum(p.stat().st_size for p in (tmp_path / "trained").glob("*.i64")) > 0, 300, "the first step")
+        trainer.request_stop("test")
+        thread.join(300)
+    finally:
+        kill_named(config.streaming.feed.actor_name)
+    first = out["summary"]
+    assert first["state"] == "test" and 0 < first["steps"] < 215, first
+    latest = Registry(tmp_path / "registry").load()
+    assert latest.manifest.info["within_take"], latest.manifest.info  # stopped inside the take
+    assert latest.manifest.offsets == {int(p): o for p, o in first["trained"].items()}
+    assert sum(first["trained"].values()) < len(events)  # where the take began: the take is owed
+
+    again = StreamTrainer(dataclasses.replace(config, stop=dataclasses.replace(config.stop, until_idle=True))).run()
+    kill_named(config.streaming.feed.actor_name)
+    assert again["state"] == "idle" and again["recovered_events"] > 0
+    assert sum(again["trained"].values()) == len(events)
+    assert_every_event_trained_or_counted(events, tmp_path, again)
 
 
 @pytest.mark.slow
