@@ -18,9 +18,9 @@ starts one local Ray for all runs (`trainer.stream.init_ray`), and each run is a
   every 10 s; an event's model freshness is the creation time of the first version whose
   manifest offsets cover it, minus its send time.
 - `training_lag_events` and `untrained_fraction`: 5,000 events/s from 100,000 users for
-  `--lag-seconds`, with `--lag-context` events of training context and `--lag-workers`; the lag (untrained events in
-  the feed and in hand) over the run (max, median, last, its growth over the second half, PNG),
-  and untrained / produced at the end.
+  `--lag-seconds` (`--lag-context`, `--lag-workers`: other than BASE's training context and one
+  worker); the lag (untrained events in the feed and in hand) over the run (max, median, last,
+  its growth over the second half, PNG), and untrained / produced at the end.
 - `prequential_ndcg@10` / `prequential_hr@10` (`model` hstu, sasrec or popularity; `table` bounded
   or unbounded; `dataset`): the drifting synthetic stream (infra/datasets/synthetic.py) replayed in
   time order (paced), scored before training on each take, averaged over the scored events after
@@ -273,7 +273,7 @@ def bench_lag(args, bootstrap: str, work: Path) -> None:
         100_000,
         "publish.every_s=30",
         "streaming.max_batch_events=20000",
-        f"train.context_events={args.lag_context}",
+        *([f"train.context_events={args.lag_context}"] if args.lag_context is not None else []),
         f"train.workers={args.lag_workers}",
     )
     progress = [json.loads(line) for line in (config.run_dir() / "progress.jsonl").read_text().splitlines()]
@@ -282,8 +282,8 @@ def bench_lag(args, bootstrap: str, work: Path) -> None:
         progress,
         Path(args.png_dir) / "stream_train_lag.png",
         rate=args.lag_rate,
-        context=args.lag_context,
-        workers=args.lag_workers,
+        context=config.train.context_events,
+        workers=config.train.workers,
         start=sent["started_at"],
         seconds=args.lag_seconds,
     )
@@ -291,8 +291,8 @@ def bench_lag(args, bootstrap: str, work: Path) -> None:
         rate=args.lag_rate,
         users=100_000,
         seconds=args.lag_seconds,
-        context_events=args.lag_context,
-        workers=args.lag_workers,
+        context_events=config.train.context_events,
+        workers=config.train.workers,
         lag_growth_events_per_s=lag_growth(progress, start=sent["started_at"], seconds=args.lag_seconds),
         produced=sent["events"],
         events_trained=summary["events_trained"],
@@ -311,28 +311,28 @@ def bench_lag(args, bootstrap: str, work: Path) -> None:
     emit("untrained_fraction", round(summary["untrained_events"] / max(sent["events"], 1), 4), "fraction", **context)
 
 
-def lag_growth(progress: list[dict], *, start: float, seconds: float) -> float:
+def lag_growth(progress: list[dict], *, start: float, seconds: float) -> float | None:
     """The lag's slope (events/s, least squares) over the second half of the producer's run (it
     began at `start`, epoch seconds): about 0 when training keeps up, the produced rate minus the
-    trained rate when it does not."""
+    trained rate when it does not; None (JSON null) with fewer than 3 progress lines there."""
     points = [(p["time"] - start, p["lag_events"]) for p in progress if seconds / 2 <= p["time"] - start <= seconds]
     if len(points) < 3:
-        return float("nan")
+        return None
     t, lag = np.array(points, dtype=float).T
     return round(float(np.polyfit(t, lag, 1)[0]), 1)
 
 
 def plot_lag(
-    progress: list[dict], path: Path, *, rate: float, context: int, workers: int, start: float, seconds: float
+    progress: list[dict], path: Path, *, rate: float, context: int | None, workers: int, start: float, seconds: float
 ) -> None:
     from matplotlib.figure import Figure
 
-    t0 = start  # the producer's start
     fig = Figure(figsize=(8, 4))
     ax = fig.subplots()
     ax.axvspan(0, seconds, color="0.92", label="producer sending")
-    ax.plot([p["time"] - t0 for p in progress], [p["lag_events"] for p in progress], label="lag (events)")
-    ax.plot([p["time"] - t0 for p in progress], [p["untrained_events"] for p in progress], label="untrained (total)")
+    since = [p["time"] - start for p in progress]  # seconds since the producer started
+    ax.plot(since, [p["lag_events"] for p in progress], label="lag (events)")
+    ax.plot(since, [p["untrained_events"] for p in progress], label="untrained (total)")
     title = f"training lag at {rate:,.0f} events/s, training context {context} events, {workers} worker(s)"
     ax.set(xlabel="seconds since the producer started", ylabel="events", title=title)
     ax.legend()
@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--freshness-seconds", type=float, default=180.0)
     parser.add_argument("--lag-rate", type=float, default=5000.0)
     parser.add_argument("--lag-seconds", type=float, default=120.0)
-    parser.add_argument("--lag-context", type=int, default=32, help="train.context_events of the lag run")
+    parser.add_argument("--lag-context", type=int, help="train.context_events of the lag run (default: BASE's)")
     parser.add_argument("--lag-workers", type=int, default=1, help="train.workers of the lag run")
     parser.add_argument("--quality-events", type=int, default=40_000)
     parser.add_argument("--quality-users", type=int, default=1_000)

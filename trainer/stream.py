@@ -321,12 +321,10 @@ def training_window(examples: SequenceBatch, *, context_events: int | None, max_
     return slice_events(examples, rows, lengths - keep, lengths, num_new=np.minimum(examples.num_new, keep))
 
 
-def recovery_examples(
-    job: StreamJobConfig, start: Offsets, *, store: SequenceStore, end: Offsets | None = None
-) -> tuple[SequenceBatch, int, int]:
+def recovery_examples(job: StreamJobConfig, start: Offsets, *, store: SequenceStore) -> tuple[SequenceBatch, int, int]:
     """Examples for the events from `start` on that the feed will not deliver again.
 
-    Reads every valid event from `start` to `end` (default: the source's current end), and each touched user's
+    Reads every valid event from `start` to the source's current end, and each touched user's
     current sequence from Feast. A user's sequence holds its events up to its watermark, so the
     user's events at or below the watermark (and from `start` on) are its trailing new ones;
     later events are not applied yet and will come through the feed. The job goes on applying
@@ -335,7 +333,7 @@ def recovery_examples(
     lost. Returns (examples, events re-read, events that no longer fit the sequence: untrained)."""
     from streaming.sources import read_valid_events
 
-    events = read_valid_events(job, start, end)
+    events = read_valid_events(job, start)
     if events.num_rows == 0:
         return SequenceBatch.empty().with_num_new(np.zeros(0, np.int64)), 0, 0
     users = events.column("user_id").to_numpy()
@@ -446,7 +444,7 @@ class Worker:
         self.collective = TorchCollective() if self.world > 1 else None
         self.progress = Progress()
         self.in_hand: tuple[int, int | None] = (0, None)  # (events of the take being trained, its oldest put)
-        self.gap_read = False  # rank 0: whether the first take after resuming has been planned
+        self.gap_checked = False  # rank 0: whether a take since resuming has been checked for a gap
         self.last_stop_check_t = time.monotonic()
         self.resume()
         self.rng = np.random.default_rng(config.train.seed + self.progress.takes)
@@ -589,29 +587,22 @@ class Worker:
         examples = took.examples
         recovered = untrained = 0
         trained = self.progress.trained
-        to = took.to_offsets
-        if trained is not None and took.from_offsets is None and not self.gap_read:
-            # Resumed, and the feed has had no put since it was created (the job restarted too, and
-            # has nothing new to apply, or has not begun): what the job applied after these offsets
-            # will never come through the feed. Re-read it now, up to the source's end, rather than
-            # wait for a put that may never come (and, with --until-idle, stop without it).
+        begins, to = took.from_offsets, took.to_offsets
+        if trained is not None and begins is None and not self.gap_checked:
+            # Resumed onto a new feed that has had no put yet (the job restarted too, with nothing
+            # new to apply, or has not begun): what the job applied after these offsets will never
+            # come through it. Take the source's end for where the feed begins, rather than wait
+            # for a put that may never come (and, with --until-idle, stop without the re-read).
             from streaming.sources import source_end_offsets
 
-            job = self.config.job_config()
-            end = source_end_offsets(job)
-            start = {p: trained.get(p, 0) for p in end}
-            if any(start[p] < o for p, o in end.items()):
-                log.info("re-reading from %s to %s: the feed has not begun", start, end)
-                examples, recovered, untrained = recovery_examples(job, start, store=self.store, end=end)
-            to = {**trained, **end}
-        if trained is not None:
-            self.gap_read = True
-        if trained is not None and took.from_offsets is not None:
-            gap = {p: o for p, o in trained.items() if o < took.from_offsets.get(p, o)}
-            gap.update({p: 0 for p in took.from_offsets if p not in trained})
+            begins = to = source_end_offsets(self.config.job_config())
+        self.gap_checked = self.gap_checked or trained is not None
+        if trained is not None and begins is not None:
+            gap = {p: o for p, o in trained.items() if o < begins.get(p, o)}
+            gap.update({p: 0 for p in begins if p not in trained})
             if gap:
-                start = {p: trained.get(p, 0) for p in took.from_offsets}
-                log.info("re-reading from %s: the feed begins at %s", start, took.from_offsets)
+                start = {p: trained.get(p, 0) for p in begins}
+                log.info("re-reading from %s: the feed begins at %s", start, begins)
                 again, recovered, untrained = recovery_examples(self.config.job_config(), start, store=self.store)
                 examples = merge_examples(again, examples)
         untrained += took.untrained_events
@@ -680,6 +671,7 @@ class Worker:
         order = self.rng.permutation(len(examples))
         per_step = cfg.train.batch_size * self.world
         steps = math.ceil(len(examples) / per_step)
+        stop = ""
         for s in range(steps):
             chunk = order[s * per_step : (s + 1) * per_step]
             mine = take_users(examples, np.sort(chunk[self.rank :: self.world]))
@@ -695,12 +687,12 @@ class Worker:
                 log.info(
                     "rank %d: stopping after step %d of %d of take %d", self.rank, s + 1, steps, self.progress.takes
                 )
-                self.progress.train_seconds += time.perf_counter() - started
-                self.in_hand = (0, None)
-                return stop
-        self.progress.takes += 1
+                break
         self.progress.train_seconds += time.perf_counter() - started
         self.in_hand = (0, None)
+        if stop:
+            return stop
+        self.progress.takes += 1
         self.progress.recovered_events += plan.get("recovered", 0)
         if plan.get("to") is not None:
             self.progress.trained = {**(self.progress.trained or {}), **plan["to"]}
